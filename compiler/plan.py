@@ -1,0 +1,131 @@
+"""The ExecutionPlan: what the runtime executes and what `compile` prints.
+
+Forward stages are topological generations (every node of a stage is one
+batched call over all examples). The backward schedule walks the generations
+in reverse; each step lists its batched calls grouped by backend. Estimates of
+calls and tokens are part of the plan so `fit` can show the cost up front.
+Everything here is immutable and serializes to stable, sorted JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlngraph.errors import Span
+from dlngraph.spec import Spec
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    name: str
+    kind: str  # "layer" | "deep_thinking" (see compiler.ir.NodeKind)
+    backend: str
+    backend_kind: str
+    output_type: str  # "text" | "choice"
+    choices: tuple[str, ...]
+    parents: tuple[str, ...]  # upstream nodes named by the template
+    inputs: tuple[str, ...]  # dataset fields named by the template
+    children: tuple[str, ...]
+    trainable: bool
+    target: str | None  # dataset field when the node is an output
+    span: Span = field(default_factory=Span, compare=False)
+
+    @property
+    def is_output(self) -> bool:
+        return self.target is not None
+
+
+@dataclass(frozen=True)
+class BatchedCall:
+    """One batched backend call: `requests` items in a single list."""
+
+    op: str  # "generate" | "score" | "think"
+    purpose: str  # forward | posterior_sampling | child_rescoring | prompt_proposals | candidate_scoring | think
+    backend: str
+    nodes: tuple[str, ...]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    nodes: tuple[str, ...]
+    calls: tuple[BatchedCall, ...]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    calls: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def of(cls, calls: list[BatchedCall] | tuple[BatchedCall, ...], times: int = 1) -> "Estimate":
+        return cls(
+            calls=len(calls) * times,
+            requests=sum(c.requests for c in calls) * times,
+            prompt_tokens=sum(c.prompt_tokens for c in calls) * times,
+            completion_tokens=sum(c.completion_tokens for c in calls) * times,
+        )
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    spec: Spec
+    spec_path: Path
+    nodes: dict[str, PlanNode]  # sorted by name
+    think: tuple[Stage, ...]  # one-time Deep-Thinking stage(s) before the forward
+    forward: tuple[Stage, ...]
+    backward: tuple[Stage, ...]
+    estimate_per_iteration: Estimate
+    estimate_fit: Estimate
+    data_paths: dict[str, Path]  # split -> absolute JSONL path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def topological_order(self) -> list[str]:
+        return [n for stage in self.forward for n in stage.nodes]
+
+    def to_dict(self) -> dict[str, Any]:
+        def stage(s: Stage) -> dict[str, Any]:
+            return {
+                "index": s.index,
+                "nodes": list(s.nodes),
+                "calls": [_dataclass_dict(c) for c in s.calls],
+            }
+
+        return {
+            "name": self.spec.name,
+            "spec": self.spec_path.name,
+            "nodes": {
+                n: {k: v for k, v in _dataclass_dict(p).items() if k != "span"}
+                for n, p in sorted(self.nodes.items())
+            },
+            "think": [stage(s) for s in self.think],
+            "forward": [stage(s) for s in self.forward],
+            "backward": [stage(s) for s in self.backward],
+            "estimate": {
+                "per_iteration": _dataclass_dict(self.estimate_per_iteration),
+                "fit": _dataclass_dict(self.estimate_fit),
+            },
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _dataclass_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in sorted(obj.__dataclass_fields__):
+        value = getattr(obj, name)
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -1,0 +1,3 @@
+from dlngraph.cli import main
+
+main()

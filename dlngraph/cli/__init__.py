@@ -1,0 +1,66 @@
+"""The `dlngraph` command line: one module per subcommand.
+
+Each module in `_COMMANDS` defines `register(app)`. Errors that dlngraph
+reports to users (`DlngraphError`) are printed without a traceback and set
+the exit code (2 for a spec error).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+import typer
+
+from dlngraph import __version__
+from dlngraph.errors import DlngraphError
+
+_COMMANDS = ("compile",)
+
+app = typer.Typer(
+    name="dlngraph",
+    help="Compile, run and train deep language networks described in YAML.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dlngraph {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-vv for debug)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+for _name in _COMMANDS:
+    importlib.import_module(f"dlngraph.cli.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except DlngraphError as exc:
+        typer.echo(exc.render(), err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)

@@ -1,0 +1,108 @@
+"""User-facing errors: diagnostics that point at the user's own text.
+
+A `SpecError` carries one or more `Diagnostic`s. Each has a stable code
+(``E101``) and kebab name (``unknown-key``), a message, a span in the spec
+file, the node it concerns and a hint. Rendering follows Ruff: the first line
+is ``FILE:LINE:COL: error: MESSAGE``, then the source line with a caret, then
+``help: HINT``. This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """1-based line and column of a region in a file (end exclusive)."""
+
+    line: int = 1
+    col: int = 1
+    end_line: int | None = None
+    end_col: int | None = None
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    code: str
+    name: str
+    message: str
+    file: str = "<spec>"
+    span: Span = field(default_factory=Span)
+    node: str | None = None
+    hint: str | None = None
+    source_line: str | None = None
+
+    @property
+    def headline(self) -> str:
+        where = f"node '{self.node}': " if self.node else ""
+        return f"{self.file}:{self.span.line}:{self.span.col}: error: {where}{self.message}"
+
+    def render(self) -> str:
+        lines = [self.headline]
+        if self.source_line is not None:
+            gutter = str(self.span.line)
+            pad = " " * len(gutter)
+            width = 1
+            if self.span.end_line == self.span.line and self.span.end_col:
+                width = max(1, self.span.end_col - self.span.col)
+            text = self.source_line.rstrip("\n")
+            width = max(1, min(width, len(text) - self.span.col + 1))
+            lines.append(f"{pad} |")
+            lines.append(f"{gutter} | {text}")
+            lines.append(f"{pad} | {' ' * (self.span.col - 1)}{'^' * width} {self.name}")
+        lines.append(f"  = help: {self.hint or 'see `dlngraph explain ' + self.code + '`'}")
+        lines.append(f"  = code: {self.code} ({self.name})")
+        return "\n".join(lines)
+
+    def concise(self) -> str:
+        return f"{self.headline} [{self.code}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source_line")
+        return d
+
+
+class DlngraphError(Exception):
+    """Base of every error dlngraph reports to a user without a traceback."""
+
+    exit_code = 1
+
+    def render(self) -> str:
+        return str(self)
+
+
+class SpecError(DlngraphError):
+    """The spec is wrong; holds every diagnostic found, sorted by position."""
+
+    exit_code = 2
+
+    def __init__(self, diagnostics: list[Diagnostic] | Diagnostic):
+        if isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics = sorted(
+            diagnostics, key=lambda d: (d.file, d.span.line, d.span.col, d.code, d.message)
+        )
+        super().__init__(self.render())
+
+    def render(self, fmt: str = "full") -> str:
+        if fmt == "json":
+            return json.dumps([d.to_dict() for d in self.diagnostics], indent=2, sort_keys=True)
+        if fmt == "concise":
+            return "\n".join(d.concise() for d in self.diagnostics)
+        return "\n\n".join(d.render() for d in self.diagnostics)
+
+
+class RuntimeFailure(DlngraphError):
+    """A model call, data file or backend failed at run time; names what failed."""
+
+    def __init__(self, message: str, *, node: str | None = None, hint: str | None = None):
+        self.node = node
+        self.hint = hint
+        where = f"node '{node}': " if node else ""
+        text = f"error: {where}{message}"
+        if hint:
+            text += f"\n  = help: {hint}"
+        super().__init__(text)

@@ -1,0 +1,253 @@
+"""The spec language: pydantic models of a dlngraph YAML file.
+
+Defaults live here and only here (never in the CLI). Every model forbids
+unknown keys, so a typo is an error with a did-you-mean, not a silent default.
+This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+SPEC_VERSION = 1
+SPLITS = ("train", "dev", "test")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class TorchBackendSpec(_Model):
+    """Local transformers model; the default is the embedded SmolLM2-135M-Instruct."""
+
+    kind: Literal["torch"] = "torch"
+    model: str = Field("embedded", description="'embedded' or a local Hugging Face model directory")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chat: bool = Field(False, description="wrap prompts in the model's chat template")
+    batch_size: int = Field(16, ge=1, description="examples per forward pass")
+
+
+class Deployment(_Model):
+    """One server of a scaled-out litellm backend."""
+
+    model: str | None = None
+    api_base: str
+    api_key_env: str | None = None
+    weight: int = Field(1, ge=1)
+
+
+class LiteLLMBackendSpec(_Model):
+    """Any provider litellm speaks to, or local OpenAI-compatible servers."""
+
+    kind: Literal["litellm"] = "litellm"
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    deployments: list[Deployment] = Field(default_factory=list)
+    concurrency: int = Field(8, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    max_errors: int = Field(20, ge=1, description="failed calls tolerated before the run stops")
+    capabilities: list[str] | None = Field(
+        None, description="declare capabilities instead of probing the endpoint"
+    )
+    tokenizer: str | None = Field(None, description="local tokenizer directory for choice scoring")
+
+
+class PluginBackendSpec(BaseModel):
+    """A backend kind registered by a third-party package (entry point dlngraph.backends)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+    capabilities: list[str] | None = None
+
+
+def _backend_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in ("torch", "litellm") else "plugin"
+
+
+BackendSpec = Annotated[
+    Annotated[TorchBackendSpec, Tag("torch")]
+    | Annotated[LiteLLMBackendSpec, Tag("litellm")]
+    | Annotated[PluginBackendSpec, Tag("plugin")],
+    Discriminator(_backend_tag),
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSpec(_Model):
+    """JSONL files, paths relative to the spec file."""
+
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+
+    def paths(self) -> dict[str, str]:
+        return {s: p for s in SPLITS if (p := getattr(self, s)) is not None}
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class TextOutput(_Model):
+    type: Literal["text"] = "text"
+    max_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    stop: list[str] = Field(default_factory=lambda: ["\n\n"])
+
+
+class ChoiceOutput(_Model):
+    type: Literal["choice"] = "choice"
+    choices: list[str] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for c in v:
+            if not c.strip():
+                raise ValueError("choices must be non-empty strings")
+            if c in seen:
+                raise ValueError(f"duplicate choice {c!r}")
+            seen.add(c)
+        return v
+
+
+OutputSpec = Annotated[TextOutput | ChoiceOutput, Field(discriminator="type")]
+
+
+class LayerNode(_Model):
+    """A language layer: one LLM call whose `prompt` is a learnable parameter."""
+
+    kind: Literal["layer"] = "layer"
+    backend: str | None = None
+    prompt: str = ""
+    template: str
+    output: OutputSpec
+    trainable: bool = True
+
+
+class Demonstrations(_Model):
+    """Where a Deep-Thinking node takes its demonstrations from."""
+
+    split: Literal["train", "dev", "test"] = "train"
+    count: int = Field(8, ge=1, le=256)
+    seed: int = 0
+    examples: list[dict[str, str]] | None = Field(
+        None, description="an explicit list instead of sampling from a split"
+    )
+
+
+class DeepThinkingNode(_Model):
+    """Iterative forward tuning of attention K/V over demonstrations (arXiv 2305.13016)."""
+
+    kind: Literal["deep_thinking"]
+    backend: str | None = None
+    demonstrations: Demonstrations = Field(default_factory=Demonstrations)
+    demo_template: str = Field(description="renders one demonstration (it sees the label as `label`)")
+    template: str = Field(description="renders a query; the answer is one of `choices`")
+    choices: list[str] = Field(min_length=1)
+    label_field: str = "target"
+    eta: float = Field(0.01, gt=0.0, le=1.0, description="learning rate of the K/V update")
+    beta: float = Field(0.9, ge=0.0, lt=1.0, description="momentum; 0 gives the gate form")
+    steps: int | None = Field(None, ge=1, le=64, description="fixed T; omit to select on dev")
+    max_steps: int = Field(8, ge=1, le=64, description="largest T tried when selecting on dev")
+    select_steps_on: Literal["dev"] | None = "dev"
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return ChoiceOutput._unique(v)
+
+    @property
+    def output(self) -> ChoiceOutput:
+        return ChoiceOutput(choices=self.choices)
+
+
+def _node_tag(value: Any) -> str:
+    kind = value.get("kind", "layer") if isinstance(value, dict) else getattr(value, "kind", "layer")
+    return kind if kind in ("layer", "deep_thinking") else "layer"
+
+
+NodeSpec = Annotated[
+    Annotated[LayerNode, Tag("layer")] | Annotated[DeepThinkingNode, Tag("deep_thinking")],
+    Discriminator(_node_tag),
+]
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainSpec(_Model):
+    """Hyperparameters of `dlngraph fit`; defaults follow the DLN paper."""
+
+    iterations: int = Field(20, ge=0)
+    batch_size: int = Field(20, ge=1)
+    prompt_proposals: int = Field(20, ge=1, description="N candidate prompts per step (incl. current)")
+    posterior_samples: int = Field(5, ge=1, description="K posterior samples per example")
+    backward_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    posterior_temperature: float = Field(1.0, gt=0.0)
+    meta_examples: int = Field(5, ge=1, description="successes/failures shown in the meta-prompt")
+    proposal_max_tokens: int = Field(96, ge=8)
+    eval_every: int = Field(1, ge=1)
+    dev_size: int | None = Field(None, ge=1, description="dev examples per evaluation (all if omitted)")
+    patience: int = Field(5, ge=1)
+    seed: int = 42
+    trust_region: float = Field(
+        0.0, ge=0.0, description="weight of the KL term keeping the new prompt near the old one"
+    )
+    wrong_hidden_penalty: float = Field(
+        0.0, ge=0.0, description="penalty on hidden states that lead the child to a wrong answer"
+    )
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+class Spec(_Model):
+    version: Literal[1] = SPEC_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    backends: dict[str, BackendSpec] = Field(default_factory=lambda: {"local": TorchBackendSpec()})
+    default_backend: str | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    inputs: list[str] = Field(min_length=1)
+    nodes: dict[str, NodeSpec] = Field(min_length=1)
+    outputs: dict[str, str] = Field(min_length=1, description="node -> dataset field it is scored against")
+    metric: Literal["accuracy", "exact_match"] = "accuracy"
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _default_backend_named(self) -> "Spec":
+        if not self.backends:
+            raise ValueError("at least one backend is needed")
+        return self
+
+    @property
+    def resolved_default_backend(self) -> str:
+        return self.default_backend or next(iter(self.backends))
+
+    def backend_of(self, node: str) -> str:
+        return self.nodes[node].backend or self.resolved_default_backend
+
+
+def json_schema() -> dict[str, Any]:
+    """The spec's JSON Schema (what `dlngraph schema` prints)."""
+    return Spec.model_json_schema()

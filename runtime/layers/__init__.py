@@ -1,0 +1,1 @@
+"""One module per node kind, each owning its forward and its backward."""
