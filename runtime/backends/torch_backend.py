@@ -1,0 +1,363 @@
+"""The torch backend: a transformers causal LM on CPU or GPU, batched.
+
+Scoring never recomputes what it has already seen (CPU inference is
+compute-bound, so the wins come from skipping work, not from batching):
+requests are grouped by their shared `prefix`, whose KV cache is computed once
+and expanded over the batch; requests that also share the prompt (the choices
+of one example) encode that prompt once and score every continuation from its
+cache. Every path tokenizes prefix, prompt and continuation separately and
+joins the ids (`encode`), so reuse never changes results.
+
+Only the positions whose next-token distribution is needed go through the
+output projection (a third of the 135M model's weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from transformers import DynamicCache
+
+from dlngraph.capabilities import Capability
+from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.backends.base import (
+    BackendBase,
+    GenerateRequest,
+    Generation,
+    Score,
+    ScoreRequest,
+)
+from dlngraph.runtime.models import ModelSource, load_causal_lm
+from dlngraph.spec import TorchBackendSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one scoring request, each part tokenized on its own."""
+
+    prefix: tuple[int, ...]
+    prompt: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+    @property
+    def ids(self) -> list[int]:
+        return [*self.prefix, *self.prompt, *self.continuation]
+
+
+def select_cache(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """A new cache holding rows `index` of `cache` (the model appends to caches in place)."""
+    out = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        out.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
+    return out
+
+
+class TorchBackend(BackendBase):
+    kind: ClassVar[str] = "torch"
+    capabilities = frozenset(Capability)
+
+    def __init__(self, spec: TorchBackendSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec or TorchBackendSpec()
+        # Resolving the source checks the model path now and keys the cache
+        # without loading any weights (a fully cached run never loads them).
+        self.source = ModelSource.resolve(self.spec.model)
+        mode = "chat" if self.spec.chat else "plain"
+        self.identity = f"{self.source.identity}|{self.spec.dtype}|{mode}"
+        self._loaded: tuple[Any, Any] | None = None
+
+    # ------------------------------------------------------------------ model
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            self._loaded = _shared_model(self.spec.model, self.spec.device, self.spec.dtype)
+        return self._loaded
+
+    @property
+    def model(self) -> Any:
+        return self._load()[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._load()[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def close(self) -> None:
+        self._loaded = None
+
+    # ------------------------------------------------------------------ tokens
+
+    def token_ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
+
+    def _chat(self, user: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
+
+    def prompt_text(self, text: str) -> str:
+        """What the model reads for a generation prompt (chat-wrapped if asked)."""
+        return self._chat(text) if self.spec.chat else text
+
+    def encode(self, request: ScoreRequest) -> Encoded:
+        """The ids every scoring path uses: prefix, prompt, continuation apart."""
+        prefix, prompt = request.prefix, request.prompt
+        if self.spec.chat:
+            # The chat head joins the shared prefix, the tail joins the prompt.
+            user = prefix + prompt
+            wrapped = self._chat(user)
+            at = wrapped.index(user) if user else len(wrapped)
+            prefix, prompt = wrapped[:at] + prefix, wrapped[at + len(prefix) :]
+        encoded = Encoded(self.token_ids(prefix), self.token_ids(prompt), self.token_ids(request.continuation))
+        if not encoded.prefix and not encoded.prompt:
+            # The first continuation token needs something to be predicted from.
+            encoded = Encoded((), self._start_ids(), encoded.continuation)
+        return encoded
+
+    def _start_ids(self) -> tuple[int, ...]:
+        start = self.tokenizer.bos_token_id
+        return (self.tokenizer.eos_token_id if start is None else start,)
+
+    def _check_context(self, length: int) -> None:
+        if length > self.context_length:
+            raise RuntimeFailure(
+                f"a request is {length} tokens long, more than the model's context of "
+                f"{self.context_length} tokens",
+                hint="shorten the template or the inputs, or use a model with a longer context",
+            )
+
+    # ------------------------------------------------------------------ forward
+
+    def _hidden(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        out = self.model.base_model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache if cache is not None else DynamicCache(),
+            use_cache=True,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _pad(self, rows: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return ids, mask
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, requests: list[ScoreRequest]) -> list[Score]:
+        started = time.perf_counter()
+        encoded = [self.encode(r) for r in requests]
+        for e in encoded:
+            self._check_context(len(e.ids))
+        results: list[Score | None] = [None] * len(requests)
+        by_prefix: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+        for i, e in enumerate(encoded):
+            by_prefix.setdefault(e.prefix, {}).setdefault(e.prompt, []).append(i)
+        with torch.inference_mode():
+            for prefix, examples in by_prefix.items():
+                prefix_cache = self._prefix_cache(prefix)
+                for chunk in chunks(list(examples.items()), self.spec.batch_size):
+                    self._score_examples(prefix, prefix_cache, chunk, encoded, results)
+        self.usage.calls += 1
+        self.usage.requests += len(requests)
+        self.usage.prompt_tokens += sum(len(e.prefix) + len(e.prompt) for e in encoded)
+        self.usage.completion_tokens += sum(len(e.continuation) for e in encoded)
+        self.usage.seconds += time.perf_counter() - started
+        return [r for r in results if r is not None]
+
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> DynamicCache | None:
+        if not prefix:
+            return None
+        ids = torch.tensor([prefix], dtype=torch.long)
+        _, cache = self._hidden(ids, torch.ones_like(ids), torch.arange(len(prefix))[None], None)
+        return cache
+
+    def _score_examples(
+        self,
+        prefix: tuple[int, ...],
+        prefix_cache: DynamicCache | None,
+        examples: Sequence[tuple[tuple[int, ...], list[int]]],
+        encoded: list[Encoded],
+        results: list[Score | None],
+    ) -> None:
+        """One pass over the prompts (right-padded, on the shared prefix), then one
+        pass over every continuation on a copy of its own example's cache."""
+        n_prefix = len(prefix)
+        prompts = [p for p, _ in examples]
+        ids, mask = self._pad(prompts)
+        batch = len(prompts)
+        cache = None
+        if prefix_cache is not None:
+            cache = select_cache(prefix_cache, torch.zeros(batch, dtype=torch.long, device=self.device))
+        full_mask = torch.cat([torch.ones(batch, n_prefix, dtype=torch.long), mask], dim=1)
+        positions = n_prefix + torch.arange(ids.shape[1]).expand(batch, -1)
+        hidden, cache = self._hidden(ids, full_mask, positions, cache)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
+        first = self._logprobs(hidden[torch.arange(batch, device=hidden.device), last])
+
+        # One row per request: (example index, request index)
+        rows = [(b, i) for b, (_, idxs) in enumerate(examples) for i in idxs]
+        tails = [encoded[i].continuation[:-1] for _, i in rows]
+        later = None
+        if any(tails):
+            row_of = torch.tensor([b for b, _ in rows], device=self.device)
+            tail_ids, tail_mask = self._pad(tails)
+            tail_full_mask = torch.cat([full_mask[row_of.cpu()], tail_mask], dim=1)
+            starts = torch.tensor([n_prefix + len(prompts[b]) for b, _ in rows])
+            tail_pos = starts[:, None] + torch.arange(tail_ids.shape[1])[None]
+            tail_hidden, _ = self._hidden(tail_ids, tail_full_mask, tail_pos, select_cache(cache, row_of))
+            later = self._logprobs(tail_hidden)
+        for r, (b, i) in enumerate(rows):
+            cont = encoded[i].continuation
+            values = []
+            if cont:
+                values.append(float(first[b, cont[0]]))
+                values.extend(float(later[r, j, tok]) for j, tok in enumerate(cont[1:]))  # type: ignore[index]
+            results[i] = Score(tuple(values), prompt_tokens=n_prefix + len(prompts[b]))
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
+        started = time.perf_counter()
+        prompts = [self.token_ids(self.prompt_text(r.prompt)) or self._start_ids() for r in requests]
+        for r, p in zip(requests, prompts):
+            self._check_context(len(p) + r.max_tokens)
+        samples = [(i, k) for i, r in enumerate(requests) for k in range(r.n)]
+        texts: dict[tuple[int, int], tuple[str, int]] = {}
+        with torch.inference_mode():
+            for chunk in chunks(samples, self.spec.batch_size):
+                texts.update(self._generate_rows(chunk, requests, prompts))
+        results = []
+        for i, r in enumerate(requests):
+            outs = [texts[(i, k)] for k in range(r.n)]
+            results.append(
+                Generation(
+                    texts=tuple(t for t, _ in outs),
+                    prompt_tokens=len(prompts[i]),
+                    completion_tokens=sum(n for _, n in outs),
+                )
+            )
+        self.usage.calls += 1
+        self.usage.requests += len(requests)
+        self.usage.prompt_tokens += sum(g.prompt_tokens for g in results)
+        self.usage.completion_tokens += sum(g.completion_tokens for g in results)
+        self.usage.seconds += time.perf_counter() - started
+        return results
+
+    def _generate_rows(
+        self,
+        rows: Sequence[tuple[int, int]],
+        requests: list[GenerateRequest],
+        prompts: list[tuple[int, ...]],
+    ) -> dict[tuple[int, int], tuple[str, int]]:
+        """Decode a left-padded batch token by token. Each sampled row has its own
+        seeded generator, so its sample does not depend on the batch around it."""
+        reqs = [requests[i] for i, _ in rows]
+        ids, mask = self._pad([prompts[i] for i, _ in rows], left=True)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        generators = [
+            torch.Generator().manual_seed((r.seed * 1_000_003 + k) % (1 << 63)) for r, (_, k) in zip(reqs, rows)
+        ]
+        eos = self.tokenizer.eos_token_id
+        produced: list[list[int]] = [[] for _ in rows]
+        texts = ["" for _ in rows]
+        done = [False] * len(rows)
+        cache = None
+        for _step in range(max(r.max_tokens for r in reqs)):
+            hidden, cache = self._hidden(ids, mask, positions, cache)
+            logprobs = self._logprobs(hidden[:, -1]).cpu()
+            step = torch.full((len(rows),), self.tokenizer.pad_token_id, dtype=torch.long)
+            for b, r in enumerate(reqs):
+                if done[b]:
+                    continue
+                token = _pick(logprobs[b], r, generators[b])
+                step[b] = token
+                if token == eos:
+                    done[b] = True
+                    continue
+                produced[b].append(token)
+                texts[b], done[b] = _apply_stop(self.tokenizer.decode(produced[b], skip_special_tokens=True), r)
+                done[b] = done[b] or len(produced[b]) >= r.max_tokens
+            if all(done):
+                break
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+            ids = step[:, None]
+        return {row: (texts[b], len(produced[b])) for b, row in enumerate(rows)}
+
+
+_MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _shared_model(model: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """(model, tokenizer), loaded once per process: backends naming the same
+    weights share them (read-only: inference never changes them)."""
+    key = (model, device, dtype)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            started = time.perf_counter()
+            lm, tokenizer, _ = load_causal_lm(model, device, dtype)
+            _MODELS[key] = (lm, tokenizer)
+            log.info("loaded %s (%s, %s) in %.1f s", model, device, dtype, time.perf_counter() - started)
+        return _MODELS[key]
+
+
+def _pick(logprobs: torch.Tensor, request: GenerateRequest, generator: torch.Generator) -> int:
+    if request.temperature <= 0:
+        return int(torch.argmax(logprobs))
+    probs = torch.softmax(logprobs / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < request.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _apply_stop(text: str, request: GenerateRequest) -> tuple[str, bool]:
+    """Cut `text` at the earliest stop sequence; say whether one was hit."""
+    hits = [at for s in request.stop if s and (at := text.find(s)) >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)

@@ -1,0 +1,109 @@
+"""The torch backend on the real embedded model: scoring equals a plain
+forward, generation is seeded and stops where asked, bad models fail clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.backends.base import GenerateRequest, ScoreRequest
+from dlngraph.runtime.backends.torch_backend import TorchBackend
+from dlngraph.spec import TorchBackendSpec
+
+pytestmark = pytest.mark.model
+
+INSTRUCTION = "Decide whether the review is positive or negative.\n\n"
+REVIEWS = ["A wonderful, moving film.", "Dull, far too long and badly acted; I left early.", "Fine."]
+
+
+def plain_logprobs(backend: TorchBackend, request: ScoreRequest) -> list[float]:
+    """Log-probs of the continuation from one unbatched, uncached forward."""
+    encoded = backend.encode(request)
+    with torch.inference_mode():
+        logits = backend.model(torch.tensor([encoded.ids], device=backend.device)).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    start = len(encoded.prefix) + len(encoded.prompt)
+    return [float(logprobs[start + j - 1, tok]) for j, tok in enumerate(encoded.continuation)]
+
+
+def test_batched_prefix_reuse_scoring_matches_plain_forward(torch_backend: TorchBackend) -> None:
+    requests = [
+        ScoreRequest(prompt=f"Review: {text}\nSentiment:", continuation=choice, prefix=INSTRUCTION)
+        for text in REVIEWS
+        for choice in (" positive", " negative", " mixed, leaning to neither side")
+    ]
+    requests += [
+        ScoreRequest(prompt="Review: Great.\nSentiment:", continuation=" positive"),  # no prefix
+        ScoreRequest(prompt="", continuation="Hello there"),  # nothing before the continuation
+        ScoreRequest(prompt="Empty:", continuation="", prefix=INSTRUCTION),
+    ]
+    scores = torch_backend.score(requests)
+    assert len(scores) == len(requests)
+    for request, score in zip(requests, scores):
+        expected = plain_logprobs(torch_backend, request)
+        assert len(score.token_logprobs) == len(expected)
+        assert score.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert scores[-1].token_logprobs == ()
+
+
+def test_score_order_and_duplicates_do_not_matter(torch_backend: TorchBackend) -> None:
+    a = ScoreRequest(prompt="Review: Great fun.\nSentiment:", continuation=" positive", prefix=INSTRUCTION)
+    b = ScoreRequest(prompt="Review: Boring.\nSentiment:", continuation=" negative", prefix=INSTRUCTION)
+    forward = torch_backend.score([a, b, a])
+    backward = torch_backend.score([b, a])
+    assert forward[0].token_logprobs == pytest.approx(backward[1].token_logprobs, abs=1e-5)
+    assert forward[2].token_logprobs == pytest.approx(forward[0].token_logprobs, abs=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(torch_backend: TorchBackend) -> None:
+    story = GenerateRequest("Once upon a time, a small robot", max_tokens=12, temperature=1.0, seed=7, n=2)
+    other = GenerateRequest("The recipe calls for", max_tokens=8, temperature=0.9, seed=1)
+    first = torch_backend.generate([story, other])
+    again = torch_backend.generate([story, other])
+    alone = torch_backend.generate([story])
+    assert first == again
+    assert alone[0].texts == first[0].texts
+    reseeded = torch_backend.generate([GenerateRequest(story.prompt, 12, 1.0, seed=8, n=2)])
+    assert reseeded[0].texts != first[0].texts
+
+
+def test_greedy_generation_honours_stop_and_max_tokens(torch_backend: TorchBackend) -> None:
+    listing = GenerateRequest("Three fruits:\n1. apple\n2.", max_tokens=30, stop=("\n",))
+    short = GenerateRequest("Count: one, two, three,", max_tokens=3)
+    out = torch_backend.generate([listing, short])
+    assert "\n" not in out[0].texts[0] and out[0].texts[0].strip()
+    assert 1 <= out[1].completion_tokens <= 3
+    assert torch_backend.generate([short]) == [out[1]]
+
+
+def test_request_longer_than_context_is_a_clear_error(torch_backend: TorchBackend) -> None:
+    long_prompt = "word " * (torch_backend.context_length + 10)
+    with pytest.raises(RuntimeFailure, match="more than the model's context"):
+        torch_backend.score([ScoreRequest(prompt=long_prompt, continuation=" yes")])
+
+
+def test_chat_mode_wraps_the_prompt_and_keeps_the_prefix_shared(torch_backend: TorchBackend) -> None:
+    chat = TorchBackend(TorchBackendSpec(chat=True, batch_size=8))
+    request = ScoreRequest(prompt="Review: Lovely.\nSentiment:", continuation="positive", prefix=INSTRUCTION)
+    encoded = chat.encode(request)
+    prefix_text = chat.tokenizer.decode(encoded.prefix)
+    assert "<|im_start|>user" in prefix_text and prefix_text.endswith(INSTRUCTION)
+    assert "<|im_start|>assistant" in chat.tokenizer.decode(encoded.prompt)
+    assert chat.identity != torch_backend.identity
+    assert chat.score([request])[0].token_logprobs == pytest.approx(plain_logprobs(chat, request), abs=1e-4)
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeFailure, match="no config.json"):
+        TorchBackend(TorchBackendSpec(model=str(tmp_path / "nowhere")))
+
+
+def test_directory_that_is_not_a_causal_lm_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    backend = TorchBackend(TorchBackendSpec(model=str(tmp_path)))
+    with pytest.raises(RuntimeFailure, match="could not load a causal language model"):
+        backend.score([ScoreRequest(prompt="a", continuation="b")])
