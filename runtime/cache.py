@@ -194,12 +194,13 @@ class CachedBackend:
         self.usage.requests += len(requests)
         self.usage.cache_hits += len(requests) - len(missing)
         if missing:
-            before = dataclasses.replace(self.inner.usage)
+            before = self.inner.usage.copy()
             fresh = call(list(missing.values()))
             answers.update(zip(missing, fresh))
             self.cache.put_many(self.kind, self.identity, op, {k: _encode(r) for k, r in zip(missing, fresh)})
-            for name in ("calls", "prompt_tokens", "completion_tokens", "seconds", "cost"):
-                setattr(self.usage, name, getattr(self.usage, name) + getattr(self.inner.usage, name) - getattr(before, name))
+            spent = self.inner.usage - before
+            spent.requests = spent.cache_hits = 0  # counted above, from the caller's side
+            self.usage.add(spent)
         return [answers[k] for k in keys]
 
     def close(self) -> None:

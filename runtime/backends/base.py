@@ -72,6 +72,13 @@ class Usage:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def __sub__(self, other: "Usage") -> "Usage":
+        """What was used since `other` (a copy taken earlier)."""
+        return Usage(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
+
+    def copy(self) -> "Usage":
+        return Usage(**self.as_dict())
+
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in sorted(self.__dataclass_fields__)}
 

@@ -1,0 +1,204 @@
+"""Running and evaluating a compiled network: the API layer over the runtime.
+
+`run(spec, examples)` returns every node's output per example;
+`evaluate(spec, split)` scores the output nodes against the split's targets
+and can write predictions as JSONL. Both open the spec's backends behind the
+response cache unless told otherwise, and apply learned prompts from a
+checkpoint (YAML with a top-level `prompts: {node: prompt}` mapping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlngraph.compiler.plan import ExecutionPlan
+from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.backends.base import Backend, Usage
+
+SpecLike = str | Path | ExecutionPlan
+
+
+@dataclass
+class EvalResult:
+    split: str
+    metric: str
+    correct: int
+    total: int
+    per_output: dict[str, float]  # output node -> its metric
+    predictions: list[dict[str, Any]]
+    usage: dict[str, Usage] = field(default_factory=dict)  # backend -> usage
+
+    @property
+    def score(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    @property
+    def model_calls(self) -> int:
+        """Batched calls that reached a model (cache hits excluded)."""
+        return sum(u.calls for u in self.usage.values())
+
+
+def compile_plan(spec: SpecLike) -> ExecutionPlan:
+    if isinstance(spec, ExecutionPlan):
+        return spec
+    from dlngraph.api import compile_spec
+
+    return compile_spec(spec)
+
+
+def open_backends(
+    plan: ExecutionPlan, *, cache_dir: str | Path | None = None, no_cache: bool = False
+) -> dict[str, Backend]:
+    """The backends the plan's nodes use, each behind the response cache unless `no_cache`."""
+    from dlngraph.runtime.backends.registry import create_backend
+    from dlngraph.runtime.cache import Cache
+
+    cache = None if no_cache else Cache(cache_dir)
+    used = sorted({node.backend for node in plan.nodes.values()})
+    return {name: create_backend(name, plan.spec.backends[name], cache=cache) for name in used}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, str]:
+    """The `prompts` mapping of a checkpoint file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot read checkpoint {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise RuntimeFailure(f"checkpoint {path} is not valid YAML: {exc}") from exc
+    prompts = data.get("prompts") if isinstance(data, dict) else None
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise RuntimeFailure(
+            f"checkpoint {path} has no `prompts:` mapping of node names to prompt strings",
+            hint="checkpoints are written by `dlngraph fit`",
+        )
+    return {str(k): v for k, v in prompts.items()}
+
+
+def _prompts(checkpoint: str | Path | None, prompts: Mapping[str, str] | None) -> dict[str, str]:
+    merged = load_checkpoint(checkpoint) if checkpoint is not None else {}
+    merged.update(prompts or {})
+    return merged
+
+
+def run(
+    spec: SpecLike,
+    examples: Sequence[Mapping[str, str]],
+    *,
+    checkpoint: str | Path | None = None,
+    prompts: Mapping[str, str] | None = None,
+    cache_dir: str | Path | None = None,
+    no_cache: bool = False,
+    backends: Mapping[str, Backend] | None = None,
+) -> list[dict[str, str]]:
+    """Every node's output for each example (one batched call per node)."""
+    from dlngraph.runtime.executor import Executor
+
+    plan = compile_plan(spec)
+    with ExitStack() as stack:
+        if backends is None:
+            backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
+            stack.callback(_close_all, backends)
+        result = Executor(plan, backends, _prompts(checkpoint, prompts)).run(examples)
+    return [result.outputs(i) for i in range(len(examples))]
+
+
+def evaluate(
+    spec: SpecLike,
+    split: str = "dev",
+    *,
+    checkpoint: str | Path | None = None,
+    prompts: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    no_cache: bool = False,
+    batch_size: int = 16,
+    backends: Mapping[str, Backend] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Score the output nodes on `split`; `on_batch(done, total)` reports progress."""
+    from dlngraph.runtime.data import read_jsonl
+    from dlngraph.runtime.executor import Executor
+    from dlngraph.runtime.metrics import is_correct
+
+    plan = compile_plan(spec)
+    path = plan.data_paths.get(split)
+    if path is None:
+        raise RuntimeFailure(f"the spec names no `data.{split}` file", hint="add it under `data:` in the spec")
+    targets = plan.spec.outputs
+    examples = read_jsonl(Path(path), [*plan.spec.inputs, *sorted(set(targets.values()))], limit=limit)
+    predictions: list[dict[str, Any]] = []
+    hits = dict.fromkeys(targets, 0)
+    with ExitStack() as stack:
+        if backends is None:
+            backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
+            stack.callback(_close_all, backends)
+        before = {name: b.usage.copy() for name, b in backends.items()}
+        executor = Executor(plan, backends, _prompts(checkpoint, prompts))
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            result = executor.run(batch)
+            for offset, example in enumerate(batch):
+                outputs = result.outputs(offset)
+                marks = {n: is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in targets.items()}
+                for n, ok in marks.items():
+                    hits[n] += ok
+                predictions.append(_prediction(start + offset, example, plan, outputs, marks))
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(examples)), len(examples))
+        usage = {name: b.usage - before[name] for name, b in backends.items()}
+    if out is not None:
+        _write_jsonl(Path(out), predictions)
+    return EvalResult(
+        split=split,
+        metric=plan.spec.metric,
+        correct=sum(p["correct"] for p in predictions),
+        total=len(predictions),
+        per_output={n: hits[n] / len(examples) if examples else 0.0 for n in sorted(targets)},
+        predictions=predictions,
+        usage=usage,
+    )
+
+
+def _prediction(
+    index: int, example: Mapping[str, str], plan: ExecutionPlan, outputs: Mapping[str, str], marks: Mapping[str, bool]
+) -> dict[str, Any]:
+    """One predictions line; with several output nodes, target and prediction are per node."""
+    targets = plan.spec.outputs
+    row: dict[str, Any] = {"index": index, **{f: example[f] for f in plan.spec.inputs}}
+    if len(targets) == 1:
+        [(node, field_)] = targets.items()
+        row.update(target=example[field_], prediction=outputs[node])
+    else:
+        row.update(
+            target={n: example[f] for n, f in sorted(targets.items())},
+            prediction={n: outputs[n] for n in sorted(targets)},
+        )
+    row["correct"] = all(marks.values())
+    return row
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Atomic: a crash never leaves half a predictions file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _close_all(backends: Mapping[str, Backend]) -> None:
+    for backend in backends.values():
+        backend.close()

@@ -1,0 +1,149 @@
+"""The forward executor: an interpreter over the plan's forward stages.
+
+Like torch.fx's `Interpreter`: `run` walks the stages, `run_node` dispatches to
+one method per node kind (`layer`, `deep_thinking`); a mode needing other
+semantics subclasses it. Every node is ONE batched backend call over all rows
+of the batch. Nodes of a stage that use different backends run concurrently
+(one thread per backend; nodes sharing a backend run one after another, so
+each node's usage is the difference of its backend's counters). Errors carry
+the node's name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlngraph.compiler.plan import ExecutionPlan, PlanNode, Stage
+from dlngraph.errors import DlngraphError, RuntimeFailure
+from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime.layers import choice, text
+from dlngraph.runtime.layers.base import ForwardRecord, Row
+
+
+@dataclass
+class RunResult:
+    records: dict[str, ForwardRecord]  # node -> its forward over the batch
+    usage: dict[str, Usage] = field(default_factory=dict)  # node -> calls, tokens, seconds
+
+    def outputs(self, index: int) -> dict[str, str]:
+        """Every node's output for example `index`."""
+        return {name: record.outputs[index] for name, record in self.records.items()}
+
+
+class Executor:
+    """Runs `plan` on `backends` (name -> backend), with learned `prompts` overriding the spec's."""
+
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        backends: Mapping[str, Backend],
+        prompts: Mapping[str, str] | None = None,
+        *,
+        layers: Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.plan = plan
+        self.backends = backends
+        self.prompts = dict(prompts or {})
+        self.layers = dict(layers or {})  # prepared layer objects (e.g. a learned Deep-Thinking state)
+        self.seed = seed
+        unknown = sorted(set(self.prompts) - set(plan.nodes))
+        if unknown:
+            raise RuntimeFailure(
+                f"prompts given for unknown node(s) {', '.join(unknown)}",
+                hint=f"the spec's nodes are {', '.join(sorted(plan.nodes))}",
+            )
+
+    def prompt_of(self, name: str) -> str:
+        return self.prompts.get(name, getattr(self.plan.spec.nodes[name], "prompt", ""))
+
+    def run(self, examples: Sequence[Mapping[str, str]]) -> RunResult:
+        result = RunResult(records={})
+        for stage in self.plan.forward:
+            self.run_stage(stage, examples, result)
+        return result
+
+    def run_stage(self, stage: Stage, examples: Sequence[Mapping[str, str]], result: RunResult) -> None:
+        by_backend: dict[str, list[str]] = {}
+        for name in stage.nodes:
+            by_backend.setdefault(self.plan.nodes[name].backend, []).append(name)
+
+        def run_group(names: list[str]) -> list[tuple[str, ForwardRecord, Usage]]:
+            return [(name, *self.run_measured(name, self.rows_for(name, examples, result))) for name in names]
+
+        groups = list(by_backend.values())
+        if len(groups) == 1:
+            done = run_group(groups[0])
+        else:
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="dlngraph-node") as pool:
+                done = [item for part in pool.map(run_group, groups) for item in part]
+        for name, record, usage in sorted(done, key=lambda item: item[0]):
+            result.records[name] = record
+            result.usage[name] = usage
+
+    def rows_for(self, name: str, examples: Sequence[Mapping[str, str]], result: RunResult) -> list[Row]:
+        """Template variables of each example: the node's inputs plus its parents' outputs."""
+        node = self.plan.nodes[name]
+        rows: list[Row] = []
+        for index, example in enumerate(examples):
+            missing = [f for f in node.inputs if f not in example]
+            if missing:
+                raise RuntimeFailure(f"example {index} lacks input field {', '.join(map(repr, missing))}", node=name)
+            row = {f: example[f] for f in node.inputs}
+            row.update({p: result.records[p].outputs[index] for p in node.parents})
+            rows.append(row)
+        return rows
+
+    def run_measured(self, name: str, rows: list[Row]) -> tuple[ForwardRecord, Usage]:
+        backend = self.backends[self.plan.nodes[name].backend]
+        before = backend.usage.copy()
+        started = time.perf_counter()
+        record = self.run_node(name, rows)
+        usage = backend.usage - before
+        usage.seconds = time.perf_counter() - started
+        return record, usage
+
+    def run_node(self, name: str, rows: list[Row]) -> ForwardRecord:
+        node = self.plan.nodes[name]
+        method = getattr(self, f"node_{node.kind}", None)
+        if method is None:
+            raise RuntimeFailure(f"no executor for node kind '{node.kind}'", node=name)
+        try:
+            return method(node, self.plan.spec.nodes[name], self.backends[node.backend], rows)
+        except RuntimeFailure as exc:
+            if exc.node:
+                raise
+            raise _with_node(exc, name) from exc
+        except DlngraphError:
+            raise
+        except Exception as exc:  # a backend or model crash: say where, keep the cause
+            raise RuntimeFailure(f"{type(exc).__name__}: {exc}", node=name) from exc
+
+    # One method per node kind ------------------------------------------------
+
+    def node_layer(self, node: PlanNode, spec: Any, backend: Backend, rows: list[Row]) -> ForwardRecord:
+        prompt = self.prompt_of(node.name)
+        if spec.output.type == "choice":
+            return choice.forward(node, spec, backend, prompt, rows)
+        return text.forward(node, spec, backend, prompt, rows, seed=self.seed)
+
+    def node_deep_thinking(self, node: PlanNode, spec: Any, backend: Backend, rows: list[Row]) -> ForwardRecord:
+        layer = self.layers.get(node.name)
+        if layer is None:
+            try:
+                from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
+            except ImportError as exc:
+                raise RuntimeFailure(
+                    "deep_thinking nodes are not available in this build", node=node.name
+                ) from exc
+            layer = self.layers[node.name] = DeepThinkingLayer(node, spec, backend)
+        return layer.forward(rows)
+
+
+def _with_node(exc: RuntimeFailure, name: str) -> RuntimeFailure:
+    message = str(exc).split("\n", 1)[0].removeprefix("error: ")
+    return RuntimeFailure(message, node=name, hint=exc.hint)
