@@ -1,0 +1,165 @@
+"""`dlngraph report`: unit tests on a fabricated run directory, and a headless-browser test
+on the report of a real 2-iteration fit of the embedded model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlngraph.cli import main
+from dlngraph.report import load_run, render_page, write_report
+from dlngraph.report.diagram import layout
+from dlngraph.report.worddiff import word_diff
+
+HOSTILE = "<script>alert('x')</script> & \"quotes\""
+
+
+def _plan() -> dict:
+    def node(name, output_type, parents, children, target):
+        return {
+            "backend": "local", "backend_kind": "torch", "children": children, "choices": [],
+            "inputs": ["input"], "kind": "layer", "name": name, "output_type": output_type,
+            "parents": parents, "target": target, "trainable": True,
+        }
+
+    return {
+        "name": "toy-dln2",
+        "spec": "spec.yaml",
+        "nodes": {
+            "answer": node("answer", "choice", ["reason"], [], "target"),
+            "reason": node("reason", "text", [], ["answer"], None),
+        },
+        "think": [],
+        "forward": [{"index": 0, "nodes": ["reason"], "calls": []}, {"index": 1, "nodes": ["answer"], "calls": []}],
+        "backward": [],
+        "estimate": {},
+    }
+
+
+PROMPTS = [
+    {"reason": "Think step by step.", "answer": "Answer the question."},
+    {"reason": "Think step by step about the facts.", "answer": "Answer the question."},
+    {"reason": "Think step by step about the facts.", "answer": "Answer with one word: the label."},
+]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def fabricate_run(root: Path) -> Path:
+    """A run directory as the trainer's contract describes it: 2 iterations of a DLN-2."""
+    run = root / "toy-dln2-20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "spec.yaml").write_text(f"name: toy-dln2\ndescription: {json.dumps(HOSTILE)}\n", encoding="utf-8")
+    (run / "plan.json").write_text(json.dumps(_plan()), encoding="utf-8")
+    metrics = [
+        {
+            "iteration": i, "train_acc": [0.4, 0.5, 0.7][i], "dev_acc": [0.45, None, 0.6][i],
+            "loss": {"answer": [1.2, 0.9, 0.7][i], "reason": [2.0, 1.5, 1.4][i]},
+            "accepted": {"answer": i == 2, "reason": i == 1}, "calls": 10 + i, "requests": 100 * (i + 1),
+            "prompt_tokens": 1000 * (i + 1), "completion_tokens": 50 * i, "cost": 0.0, "seconds": 1.5 + i,
+        }
+        for i in range(3)
+    ]
+    _write_jsonl(run / "metrics.jsonl", list(reversed(metrics)))  # the loader sorts
+    for i, prompts in enumerate(PROMPTS):
+        checkpoint = {"iteration": i, "seed": 42, "prompts": prompts, "best": {"iteration": i}}
+        (run / "checkpoints" / f"iter-{i:04d}.yaml").write_text(yaml.safe_dump(checkpoint), encoding="utf-8")
+    best = {"iteration": 2, "dev_acc": 0.6, "prompts": PROMPTS[2]}
+    (run / "best.yaml").write_text(yaml.safe_dump(best), encoding="utf-8")
+    _write_jsonl(
+        run / "posteriors.jsonl",
+        [
+            {
+                "iteration": it, "node": "reason", "example": ex, "input": f"sentence {ex} {HOSTILE}",
+                "candidates": [{"text": f"because {ex}a", "weight": 0.7}, {"text": f"because {ex}b", "weight": 0.3}],
+                "chosen": f"because {ex}a",
+            }
+            for it in (1, 2)
+            for ex in (5, 1, 3, 4)
+        ],
+    )
+    rows = [{"index": i, "input": f"dev {i}", "target": "yes"} for i in range(4)]
+    _write_jsonl(
+        run / "predictions" / "dev-initial.jsonl",
+        [{**r, "prediction": p, "correct": p == "yes"} for r, p in zip(rows, ["no", "yes", "no", "yes"])],
+    )
+    _write_jsonl(
+        run / "predictions" / "dev-best.jsonl",
+        [{**r, "prediction": p, "correct": p == "yes"} for r, p in zip(rows, ["yes", "yes", "no", "no"])],
+    )
+    return run
+
+
+def test_word_diff_marks_removed_and_added_words() -> None:
+    assert word_diff("Answer the question.", "Answer the <b> question.") == "Answer the <ins>&lt;b&gt; </ins>question."
+    assert word_diff("Answer the question.", "Answer it.") == "Answer <del>the question</del><ins>it</ins>."
+    assert word_diff("same text", "same text") == "same text"
+
+
+def test_layout_puts_inputs_stages_and_targets_in_columns() -> None:
+    boxes, edges = layout(_plan())
+    columns = {b.key: b.col for b in boxes}
+    assert columns == {"in:input": 0, "node:reason": 1, "node:answer": 2, "out:target": 3}
+    assert ("node:reason", "node:answer") in edges and ("node:answer", "out:target") in edges
+    assert edges == sorted(edges)
+
+
+def test_report_of_fabricated_run_has_every_section(tmp_path: Path) -> None:
+    run = load_run(fabricate_run(tmp_path))
+    assert [m["iteration"] for m in run.metrics] == [0, 1, 2]
+    html = render_page(run)
+
+    for anchor in ("network", "curves", "prompts", "posteriors", "flips", "usage", "spec"):
+        assert f'id="{anchor}"' in html
+    assert 'class="network"' in html and html.count('class="box ') == 4
+    assert 'data-series="train"' in html and 'data-series="dev"' in html
+    # dev is null at iteration 1: the dev curve has two points, train three.
+    dev_series = re.search(r'data-series="dev">(.*?)</g>', html).group(1)
+    assert dev_series.count("<circle") == 2
+    # Prompt history: the reason node changed once (iteration 1), answer once (iteration 2).
+    assert "accepted at iteration 1" in html and "accepted at iteration 2" in html
+    assert "Think step by step<ins> about the facts</ins>." in html
+    # Posteriors: the last iteration only, the first 3 examples by index, chosen marked.
+    assert html.count('class="example"') == 3
+    assert "example 1" in html and "example 5" not in html
+    # Predictions: index 0 fixed, index 3 broken, 1 and 2 unchanged.
+    assert "2 of 4 dev examples changed prediction" in html and "1 fixed, 1 broken" in html
+    # Totals over iterations 0..2.
+    assert ">33<" in html and ">6,000<" in html
+
+
+def test_report_escapes_run_text_and_fetches_nothing(tmp_path: Path) -> None:
+    html = render_page(load_run(fabricate_run(tmp_path)))
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*["']?https?:""", html)
+
+
+def test_report_cli_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fabricate_run(tmp_path)
+    out = tmp_path / "out" / "page.html"
+    main(["report", str(run), "-o", str(out)])
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert str(out) in capsys.readouterr().out
+
+
+def test_report_of_a_directory_that_is_not_a_run_fails_cleanly(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path)])
+    assert exc.value.code == 1
+
+
+def test_write_report_defaults_next_to_the_run(tmp_path: Path) -> None:
+    run = fabricate_run(tmp_path)
+    (run / "posteriors.jsonl").unlink()
+    path = write_report(run)
+    assert path == run / "report.html"
+    assert 'id="posteriors"' not in path.read_text(encoding="utf-8")
