@@ -218,6 +218,24 @@ class TrainSpec(_Model):
     )
 
 
+# --------------------------------------------------------------------------- tracking
+
+
+class MLflowSpec(_Model):
+    """Log params, per-iteration metrics and the run directory to MLflow."""
+
+    tracking_uri: str | None = Field(
+        None, description="e.g. sqlite:///mlflow.db or http://host:5000; MLflow's default if omitted"
+    )
+    experiment: str | None = Field(None, description="experiment name; the spec name if omitted")
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers `dlngraph fit` reports to (none by default)."""
+
+    mlflow: MLflowSpec | None = None
+
+
 # --------------------------------------------------------------------------- the spec
 
 
@@ -233,6 +251,7 @@ class Spec(_Model):
     outputs: dict[str, str] = Field(min_length=1, description="node -> dataset field it is scored against")
     metric: Literal["accuracy", "exact_match"] = "accuracy"
     train: TrainSpec = Field(default_factory=TrainSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _default_backend_named(self) -> "Spec":
