@@ -16,12 +16,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile_spec": "dlngraph.api",
     "load_plan": "dlngraph.api",
+    "evaluate": "dlngraph.runner",
+    "run": "dlngraph.runner",
 }
 
 __all__ = ["DlngraphError", "RuntimeFailure", "Spec", "SpecError", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dlngraph.api import compile_spec, load_plan
+    from dlngraph.runner import evaluate, run
 
 
 def __getattr__(name: str) -> Any:

@@ -139,17 +139,25 @@ def pick_device(device: str) -> str:
 def load_causal_lm(model: str = EMBEDDED, device: str = "auto", dtype: str = "float32") -> tuple[Any, Any, ModelSource]:
     """(model, tokenizer, source), model in eval mode on the chosen device."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     source = ModelSource.resolve(model)
     directory = model_directory(source)
+    hint = "the directory must hold a Hugging Face causal LM (config.json, weights, tokenizer)"
     try:
+        config = AutoConfig.from_pretrained(str(directory))
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise RuntimeFailure(
+                f"{directory} holds a '{config.model_type}' model, not a causal language model", hint=hint
+            )
         tok = AutoTokenizer.from_pretrained(str(directory))
         lm = AutoModelForCausalLM.from_pretrained(str(directory), dtype=getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as exc:
+        # transformers' messages run to many lines; the first says what is wrong.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeFailure(
-            f"could not load a causal language model from {directory}: {exc}",
-            hint="the directory must hold a Hugging Face causal LM (config.json + weights)",
+            f"could not load a causal language model from {directory}: {reason}", hint=hint
         ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

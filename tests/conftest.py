@@ -4,12 +4,14 @@
 backend (fp32, CPU unless a GPU is present). Torch backends built later in the
 same process with the same model/device/dtype share its weights, so CLI tests
 run in-process do not reload it. `cache_dir` / `response_cache` give each test
-its own SQLite response cache, never the user's.
+its own SQLite response cache, never the user's. `build_plan` makes a
+forward-only ExecutionPlan from a Spec without the compiler (for runtime tests
+that must not depend on compiler passes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,44 @@ def response_cache(cache_dir: Path) -> Iterator:
     cache = Cache(cache_dir)
     yield cache
     cache.close()
+
+
+@pytest.fixture
+def build_plan() -> Callable:
+    """`build_plan(spec, spec_path=Path("spec.yaml"))` -> a forward-only ExecutionPlan."""
+    import jinja2
+    import networkx as nx
+    from jinja2 import meta
+
+    from dlngraph.compiler.plan import Estimate, ExecutionPlan, PlanNode, Stage
+
+    def build(spec, spec_path: Path = Path("spec.yaml")) -> ExecutionPlan:
+        env = jinja2.Environment()
+        graph = nx.DiGraph()
+        variables = {}
+        for name, node in spec.nodes.items():
+            variables[name] = meta.find_undeclared_variables(env.parse(node.template)) - {"prompt"}
+            graph.add_node(name)
+            graph.add_edges_from((p, name) for p in variables[name] & set(spec.nodes))
+        nodes = {
+            name: PlanNode(
+                name=name,
+                kind=node.kind,
+                backend=spec.backend_of(name),
+                backend_kind=spec.backends[spec.backend_of(name)].kind,
+                output_type=node.output.type,
+                choices=tuple(getattr(node.output, "choices", ())),
+                parents=tuple(sorted(graph.predecessors(name))),
+                inputs=tuple(sorted(variables[name] & set(spec.inputs))),
+                children=tuple(sorted(graph.successors(name))),
+                trainable=True,
+                target=spec.outputs.get(name),
+            )
+            for name, node in sorted(spec.nodes.items())
+        }
+        stages = tuple(Stage(i, tuple(sorted(g)), ()) for i, g in enumerate(nx.topological_generations(graph)))
+        none = Estimate(0, 0, 0, 0)
+        data = {split: (spec_path.parent / p).resolve() for split, p in spec.data.paths().items()}
+        return ExecutionPlan(spec, spec_path, nodes, (), stages, (), none, none, data)
+
+    return build

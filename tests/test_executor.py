@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
-import jinja2
-import networkx as nx
 import pytest
-from jinja2 import meta
 
-from dlngraph.compiler.plan import Estimate, ExecutionPlan, PlanNode, Stage
+from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend
 from dlngraph.runtime.cache import Cache, CachedBackend
@@ -35,42 +32,13 @@ EXAMPLES = [
 ]
 
 
-def hand_plan(spec: Spec, path: Path = Path("spec.yaml")) -> ExecutionPlan:
-    """A forward-only plan built without the compiler (edges from template variables)."""
-    env = jinja2.Environment()
-    graph = nx.DiGraph()
-    variables = {}
-    for name, node in spec.nodes.items():
-        variables[name] = meta.find_undeclared_variables(env.parse(node.template)) - {"prompt"}
-        graph.add_node(name)
-        graph.add_edges_from((p, name) for p in variables[name] & set(spec.nodes))
-    nodes = {
-        name: PlanNode(
-            name=name,
-            kind=node.kind,
-            backend=spec.backend_of(name),
-            backend_kind=spec.backends[spec.backend_of(name)].kind,
-            output_type=node.output.type,
-            choices=tuple(getattr(node.output, "choices", ())),
-            parents=tuple(sorted(graph.predecessors(name))),
-            inputs=tuple(sorted(variables[name] & set(spec.inputs))),
-            children=tuple(sorted(graph.successors(name))),
-            trainable=True,
-            target=spec.outputs.get(name),
-        )
-        for name, node in sorted(spec.nodes.items())
-    }
-    stages = tuple(Stage(i, tuple(sorted(g)), ()) for i, g in enumerate(nx.topological_generations(graph)))
-    none = Estimate(0, 0, 0, 0)
-    return ExecutionPlan(spec, path, nodes, (), stages, (), none, none, {})
+@pytest.fixture
+def sentiment_plan(build_plan: Callable[..., ExecutionPlan]) -> ExecutionPlan:
+    return build_plan(Spec(name="s", inputs=["input"], nodes={"sentiment": SENTIMENT}, outputs={"sentiment": "target"}))
 
 
-def sentiment_plan() -> ExecutionPlan:
-    return hand_plan(Spec(name="s", inputs=["input"], nodes={"sentiment": SENTIMENT}, outputs={"sentiment": "target"}))
-
-
-def test_choice_node_classifies_obvious_sentiment(torch_backend: Backend) -> None:
-    plan = sentiment_plan()
+def test_choice_node_classifies_obvious_sentiment(torch_backend: Backend, sentiment_plan: ExecutionPlan) -> None:
+    plan = sentiment_plan
     rows = [{"input": x} for x, _ in EXAMPLES]
     record = choice.forward(plan.nodes["sentiment"], plan.spec.nodes["sentiment"], torch_backend, INSTRUCTION, rows)
     assert record.outputs == [y for _, y in EXAMPLES]
@@ -79,8 +47,10 @@ def test_choice_node_classifies_obvious_sentiment(torch_backend: Backend) -> Non
         assert sum(2.718281828 ** v for v in logprobs.values()) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_candidate_scoring_is_one_backend_call(torch_backend: Backend, response_cache: Cache) -> None:
-    plan = sentiment_plan()
+def test_candidate_scoring_is_one_backend_call(
+    torch_backend: Backend, response_cache: Cache, sentiment_plan: ExecutionPlan
+) -> None:
+    plan = sentiment_plan
     node, spec = plan.nodes["sentiment"], plan.spec.nodes["sentiment"]
     rows = [{"input": x} for x, _ in EXAMPLES[:3]]
     candidates = [INSTRUCTION, "Say whether the review is positive or negative."]
@@ -95,8 +65,10 @@ def test_candidate_scoring_is_one_backend_call(torch_backend: Backend, response_
         choice.target_logprobs(node, spec, backend, [(INSTRUCTION, rows[0], "neutral")])
 
 
-def test_text_target_logprobs_prefers_the_likely_text(torch_backend: Backend) -> None:
-    plan = hand_plan(
+def test_text_target_logprobs_prefers_the_likely_text(
+    torch_backend: Backend, build_plan: Callable[..., ExecutionPlan]
+) -> None:
+    plan = build_plan(
         Spec(
             name="t",
             inputs=["input"],
@@ -144,8 +116,10 @@ def torch_backends(names: list[str]) -> dict[str, Backend]:
     return {n: TorchBackend(TorchBackendSpec(batch_size=4)) for n in names}
 
 
-def test_executor_runs_stages_with_one_call_per_node_and_learned_prompts(torch_backend: Backend) -> None:
-    plan = hand_plan(two_backend_spec())
+def test_executor_runs_stages_with_one_call_per_node_and_learned_prompts(
+    build_plan: Callable[..., ExecutionPlan]
+) -> None:
+    plan = build_plan(two_backend_spec())
     assert [s.nodes for s in plan.forward] == [("sentiment", "topic"), ("final",)]
     backends = torch_backends(["a", "b"])
     examples = [{"input": x} for x, _ in EXAMPLES[:2]]
@@ -163,8 +137,8 @@ def test_executor_runs_stages_with_one_call_per_node_and_learned_prompts(torch_b
     assert result.outputs(1)["final"] in ("positive", "negative")
 
 
-def test_executor_errors_name_the_node(torch_backend: Backend) -> None:
-    plan = sentiment_plan()
+def test_executor_errors_name_the_node(torch_backend: Backend, sentiment_plan: ExecutionPlan) -> None:
+    plan = sentiment_plan
     with pytest.raises(RuntimeFailure, match="node 'sentiment'.*lacks input field 'input'"):
         Executor(plan, {"local": torch_backend}).run([{"text": "no input field"}])
     with pytest.raises(RuntimeFailure, match="unknown node"):
