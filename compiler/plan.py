@@ -74,6 +74,17 @@ class Estimate:
             completion_tokens=sum(c.completion_tokens for c in calls) * times,
         )
 
+    def __add__(self, other: "Estimate") -> "Estimate":
+        return Estimate(
+            calls=self.calls + other.calls,
+            requests=self.requests + other.requests,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+    def times(self, k: int) -> "Estimate":
+        return Estimate(self.calls * k, self.requests * k, self.prompt_tokens * k, self.completion_tokens * k)
+
 
 @dataclass(frozen=True)
 class ExecutionPlan:
@@ -86,6 +97,10 @@ class ExecutionPlan:
     estimate_per_iteration: Estimate
     estimate_fit: Estimate
     data_paths: dict[str, Path]  # split -> absolute JSONL path
+    # One dev evaluation (a forward over dev_size examples) and how many the fit runs.
+    evaluation: tuple[Stage, ...] = ()
+    evaluations: int = 0
+    spec_sha256: str = ""  # of the spec file's bytes; `load_plan` checks a saved plan is current
 
     @property
     def name(self) -> str:
@@ -110,9 +125,12 @@ class ExecutionPlan:
                 n: {k: v for k, v in _dataclass_dict(p).items() if k != "span"}
                 for n, p in sorted(self.nodes.items())
             },
+            "spec_sha256": self.spec_sha256,
             "think": [stage(s) for s in self.think],
             "forward": [stage(s) for s in self.forward],
             "backward": [stage(s) for s in self.backward],
+            "evaluation": [stage(s) for s in self.evaluation],
+            "evaluations": self.evaluations,
             "estimate": {
                 "per_iteration": _dataclass_dict(self.estimate_per_iteration),
                 "fit": _dataclass_dict(self.estimate_fit),

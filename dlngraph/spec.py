@@ -16,7 +16,6 @@ from pydantic import (
     Field,
     Tag,
     field_validator,
-    model_validator,
 )
 
 SPEC_VERSION = 1
@@ -243,7 +242,9 @@ class Spec(_Model):
     version: Literal[1] = SPEC_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
-    backends: dict[str, BackendSpec] = Field(default_factory=lambda: {"local": TorchBackendSpec()})
+    backends: dict[str, BackendSpec] = Field(
+        default_factory=lambda: {"local": TorchBackendSpec()}, min_length=1
+    )
     default_backend: str | None = None
     data: DataSpec = Field(default_factory=DataSpec)
     inputs: list[str] = Field(min_length=1)
@@ -252,12 +253,6 @@ class Spec(_Model):
     metric: Literal["accuracy", "exact_match"] = "accuracy"
     train: TrainSpec = Field(default_factory=TrainSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-
-    @model_validator(mode="after")
-    def _default_backend_named(self) -> "Spec":
-        if not self.backends:
-            raise ValueError("at least one backend is needed")
-        return self
 
     @property
     def resolved_default_backend(self) -> str:

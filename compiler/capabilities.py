@@ -1,0 +1,128 @@
+"""Pass 5, capabilities: every node's needs against its backend's capabilities.
+
+REQUIRES "acyclic". GUARANTEES "capable": `unit.capabilities` maps every
+backend to its capability set, and each node's backend meets its needs.
+Capabilities are data: a backend spec's own `capabilities:` list, else what
+its kind declares in `dlngraph.capabilities.DECLARED`, unless the caller
+passes a `capability_resolver` (the API uses that hook to probe endpoints).
+Nothing of the runtime is imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import replace
+
+from dlngraph.capabilities import DECLARED, Capability
+from dlngraph.errors import Diagnostic, SpecError
+from dlngraph.yamlsource import Source
+
+from dlngraph.compiler.ir import NodeData, NodeKind, Unit, nodes
+
+REQUIRES = frozenset({"acyclic"})
+GUARANTEES = frozenset({"capable"})
+
+G, S, T, KV = Capability.GENERATE, Capability.SCORE, Capability.TOP_LOGPROBS, Capability.KV_ACCESS
+
+
+def declared_capabilities(backend_name: str, backend_spec: object) -> frozenset[Capability]:
+    """The default resolver: the spec's `capabilities:` list, else the kind's declaration.
+
+    Raises KeyError for a kind that is not built in and declares nothing, and
+    ValueError for a capability name that does not exist.
+    """
+    listed = getattr(backend_spec, "capabilities", None)
+    if listed is not None:
+        return frozenset(Capability(c) for c in listed)
+    return DECLARED[getattr(backend_spec, "kind")]
+
+
+def needs(data: NodeData) -> list[tuple[str, frozenset[Capability]]]:
+    """What a node needs, as (reason, any-of set) pairs: each set needs one member."""
+    if data.kind is NodeKind.DEEP_THINKING:
+        return [("deep_thinking nodes update attention K/V", frozenset({KV}))]
+    out = []
+    if data.output_type == "choice":
+        out.append(("choice outputs score each choice", frozenset({S, T})))
+    else:
+        out.append(("text layers generate text", frozenset({G})))
+    if data.trainable:
+        out.append(("trainable layers generate prompt proposals", frozenset({G})))
+        if data.output_type == "text":
+            out.append(("trainable text layers score continuations", frozenset({S})))
+    return out
+
+
+def run(unit: Unit) -> Unit:
+    assert unit.spec is not None and unit.graph is not None and unit.source is not None
+    resolver = unit.capability_resolver or declared_capabilities
+    source = unit.source
+    problems: list[Diagnostic] = []
+    capabilities: dict[str, frozenset[Capability]] = {}
+    for name, backend in unit.spec.backends.items():
+        try:
+            capabilities[name] = frozenset(resolver(name, backend))
+        except KeyError:
+            problems.append(_unknown_kind(name, backend.kind, source))
+        except ValueError as exc:
+            problems.append(_unknown_capability(name, backend, str(exc), source))
+    for data in nodes(unit.graph).values():
+        have = capabilities.get(data.backend)
+        if have is None:
+            continue
+        for reason, any_of in needs(data):
+            if not have & any_of:
+                problems.append(_missing(data, reason, any_of, have, unit, source))
+    if problems:
+        raise SpecError(problems)
+    return replace(unit, capabilities=capabilities)
+
+
+def _unknown_kind(name: str, kind: str, source: Source) -> Diagnostic:
+    close = difflib.get_close_matches(kind, sorted(DECLARED), n=1, cutoff=0.6)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return source.diagnostic(
+        "E402",
+        f"unknown backend kind '{kind}' for backend '{name}'",
+        source.value_span(("backends", name, "kind")),
+        hint=f"{guess}built-in kinds: {', '.join(sorted(DECLARED))}; a plugin kind must list "
+        "its `capabilities:` (generate, score, top_logprobs, kv_access)",
+    )
+
+
+def _unknown_capability(name: str, backend: object, error: str, source: Source) -> Diagnostic:
+    listed = list(getattr(backend, "capabilities", None) or [])
+    valid = [c.value for c in Capability]
+    bad = next((i for i, c in enumerate(listed) if c not in valid), None)
+    path = ("backends", name, "capabilities") + ((bad,) if bad is not None else ())
+    return source.diagnostic(
+        "E403",
+        f"backend '{name}': {error}",
+        source.value_span(path),
+        hint=f"capabilities are: {', '.join(valid)}",
+    )
+
+
+def _missing(
+    data: NodeData,
+    reason: str,
+    any_of: frozenset[Capability],
+    have: frozenset[Capability],
+    unit: Unit,
+    source: Source,
+) -> Diagnostic:
+    assert unit.spec is not None
+    kind = unit.spec.backends[data.backend].kind
+    wanted = " or ".join(sorted(any_of))
+    path = ("nodes", data.name, "backend")
+    span = source.value_span(path) if path in source.spans else data.span
+    torch_hint = "run it on a `kind: torch` backend" if KV in any_of else None
+    return source.diagnostic(
+        "E401",
+        f"backend '{data.backend}' ({kind}) cannot {wanted}, which this node needs: {reason}",
+        span,
+        node=data.name,
+        hint=torch_hint
+        or f"backend '{data.backend}' has: {', '.join(sorted(have)) or 'nothing'}; use a backend with "
+        f"{wanted}, declare it under `capabilities:` if the endpoint supports it, or set `trainable: false`",
+    )

@@ -1,0 +1,124 @@
+"""The compiler's intermediate representation and its well-formedness check.
+
+A compilation is a `Unit` that each pass returns a new copy of, filling in
+what it guarantees. The graph is a networkx DiGraph (edge parent -> child)
+whose nodes carry one frozen `NodeData` under the key "data". Node kinds are
+a closed enum: adding one means adding a runtime layer module too.
+`lint(graph)` checks the graph's invariants; tests run it after every pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import networkx as nx
+
+from dlngraph.capabilities import Capability
+from dlngraph.errors import Span
+from dlngraph.spec import DeepThinkingNode, LayerNode, Spec
+from dlngraph.yamlsource import Source
+
+from dlngraph.compiler.plan import ExecutionPlan
+
+CapabilityResolver = Callable[[str, object], frozenset[Capability]]
+
+
+class NodeKind(StrEnum):
+    LAYER = "layer"
+    DEEP_THINKING = "deep_thinking"
+
+
+@dataclass(frozen=True)
+class NodeData:
+    name: str
+    kind: NodeKind
+    spec: LayerNode | DeepThinkingNode
+    backend: str
+    span: Span  # the node's key in the spec file; runtime errors cite it
+    inputs: tuple[str, ...]  # dataset fields its templates read, sorted
+    parents: tuple[str, ...]  # upstream nodes its template reads, sorted
+    target: str | None  # dataset field when the node is an output
+
+    @property
+    def output_type(self) -> str:
+        return self.spec.output.type
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(getattr(self.spec.output, "choices", ()))
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind is NodeKind.LAYER and self.spec.trainable
+
+
+@dataclass(frozen=True)
+class FieldProfile:
+    """What the data pass learned about one split: rows and mean field lengths (chars)."""
+
+    path: Path
+    rows: int
+    mean_chars: dict[str, float]  # over the sampled rows that have the field
+    fields: tuple[str, ...]  # fields present in every sampled row
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One compilation; each pass returns a copy with more filled in."""
+
+    path: Path
+    raw: bytes | None = None
+    source: Source | None = None
+    spec: Spec | None = None
+    graph: nx.DiGraph | None = None
+    capabilities: dict[str, frozenset[Capability]] = field(default_factory=dict)
+    profiles: dict[str, FieldProfile] | None = None  # split -> profile
+    meta_prompts_checked: bool = False
+    plan: ExecutionPlan | None = None
+    capability_resolver: CapabilityResolver | None = None
+
+
+class LintError(AssertionError):
+    """The graph broke an invariant: a compiler bug, never a user error."""
+
+
+def lint(graph: nx.DiGraph) -> None:
+    """Raise `LintError` unless `graph` is well formed."""
+    for name, attrs in graph.nodes(data=True):
+        data = attrs.get("data")
+        if not isinstance(data, NodeData):
+            raise LintError(f"node {name!r} has no NodeData")
+        if data.name != name:
+            raise LintError(f"node {name!r} carries data named {data.name!r}")
+        if not isinstance(data.kind, NodeKind):
+            raise LintError(f"node {name!r} has kind {data.kind!r} outside NodeKind")
+        if tuple(sorted(graph.predecessors(name))) != data.parents:
+            raise LintError(f"node {name!r}: edges {sorted(graph.predecessors(name))} != parents {data.parents}")
+        if list(data.parents) != sorted(data.parents) or list(data.inputs) != sorted(data.inputs):
+            raise LintError(f"node {name!r}: parents and inputs must be sorted")
+
+
+def nodes(graph: nx.DiGraph) -> dict[str, NodeData]:
+    """Node name -> its data, sorted by name."""
+    return {name: graph.nodes[name]["data"] for name in sorted(graph.nodes)}
+
+
+# Properties a pass may require or guarantee, each checkable on a Unit.
+PROPERTIES: dict[str, Callable[[Unit], bool]] = {
+    "parsed": lambda u: u.source is not None and isinstance(u.source.data, dict),
+    "validated": lambda u: u.spec is not None,
+    "resolved": lambda u: u.graph is not None and _linted(u.graph),
+    "acyclic": lambda u: u.graph is not None and nx.is_directed_acyclic_graph(u.graph),
+    "capable": lambda u: u.spec is not None and set(u.capabilities) >= set(u.spec.backends),
+    "data_checked": lambda u: u.profiles is not None,
+    "meta_prompts_checked": lambda u: u.meta_prompts_checked,
+    "planned": lambda u: u.plan is not None,
+}
+
+
+def _linted(graph: nx.DiGraph) -> bool:
+    lint(graph)
+    return True

@@ -1,0 +1,243 @@
+"""Pass 8, schedule: the checked graph -> an `ExecutionPlan`.
+
+REQUIRES "acyclic", "capable", "data_checked". GUARANTEES "planned".
+
+- think: one stage with every deep_thinking node's one-time K/V tuning over
+  its demonstrations (and, without a fixed `steps`, the dev scoring that picks T).
+- forward: networkx topological generations, names sorted within a stage;
+  one batched call per node, sized for one training batch (`batch_size`).
+- backward: the generations reversed; per stage the calls of the variational
+  step, merged per (backend, purpose): posterior sampling (B x K) and child
+  re-scoring for hidden nodes whose targets something upstream needs, prompt
+  proposals (N - 1) and candidate scoring (N x B) for trainable layers.
+- evaluation: one forward over `dev_size` dev examples (all of dev if unset),
+  run before training and every `eval_every` iterations.
+
+Token counts are estimates: characters / 4, with mean field lengths from the
+data pass (64 tokens per field without data) and `max_tokens` for generated
+text (an upper bound).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import networkx as nx
+
+from dlngraph.capabilities import Capability
+from dlngraph.spec import DeepThinkingNode, Spec
+
+from dlngraph.compiler import templates
+from dlngraph.compiler.ir import FieldProfile, NodeData, NodeKind, Unit, nodes
+from dlngraph.compiler.plan import BatchedCall, Estimate, ExecutionPlan, PlanNode, Stage
+
+REQUIRES = frozenset({"acyclic", "capable", "data_checked"})
+GUARANTEES = frozenset({"planned"})
+
+CHARS_PER_TOKEN = 4
+DEFAULT_FIELD_TOKENS = 64
+META_PROMPT_OVERHEAD_TOKENS = 120  # instructions of a proposal / posterior meta-prompt
+
+
+def tokens(chars: float) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def run(unit: Unit) -> Unit:
+    assert unit.spec is not None and unit.graph is not None and unit.profiles is not None
+    graph, spec = unit.graph, unit.spec
+    data = nodes(graph)
+    sizes = _Sizes(spec, data, unit.profiles, unit.capabilities)
+    generations = [tuple(sorted(g)) for g in nx.topological_generations(graph)]
+    train = spec.train
+    forward = tuple(Stage(i, g, tuple(sizes.forward(data[n], train.batch_size) for n in g)) for i, g in enumerate(generations))
+    upstream = _trains_upstream(data, generations)
+    backward = tuple(
+        Stage(i, g, _merge(call for n in g for call in _backward_calls(data[n], upstream[n], graph, sizes, spec)))
+        for i, g in enumerate(reversed(generations))
+    )
+    dev_rows = _dev_rows(spec, unit.profiles)
+    evaluation = (
+        tuple(Stage(i, g, tuple(sizes.forward(data[n], dev_rows) for n in g)) for i, g in enumerate(generations))
+        if dev_rows
+        else ()
+    )
+    # With nothing trainable there are no training iterations, only evaluation.
+    iterations = train.iterations if any(d.trainable for d in data.values()) else 0
+    evaluations = (iterations // train.eval_every + 1) if evaluation else 0
+    think = _think(data, sizes, dev_rows)
+    per_iteration = Estimate.of(_calls(forward)) + Estimate.of(_calls(backward))
+    fit = (
+        per_iteration.times(iterations)
+        + Estimate.of(_calls(evaluation)).times(evaluations)
+        + Estimate.of(_calls(think))
+    )
+    plan = ExecutionPlan(
+        spec=spec,
+        spec_path=unit.path.resolve(),
+        nodes={name: _plan_node(d, graph, spec) for name, d in data.items()},
+        think=think,
+        forward=forward,
+        backward=backward,
+        estimate_per_iteration=per_iteration,
+        estimate_fit=fit,
+        data_paths={split: p.path for split, p in sorted(unit.profiles.items())},
+        evaluation=evaluation,
+        evaluations=evaluations,
+        spec_sha256=hashlib.sha256(unit.source.text.encode() if unit.source else b"").hexdigest(),
+    )
+    return replace(unit, plan=plan)
+
+
+@dataclass
+class _Sizes:
+    """Per-request token sizes of each node, from the spec and the data profile."""
+
+    spec: Spec
+    data: dict[str, NodeData]
+    profiles: dict[str, FieldProfile]
+    capabilities: dict[str, frozenset[Capability]]
+
+    def field(self, name: str, split: str = "train") -> int:
+        profile = self.profiles.get(split) or next(iter(self.profiles.values()), None)
+        if profile is None or name not in profile.mean_chars:
+            return DEFAULT_FIELD_TOKENS
+        return tokens(profile.mean_chars[name])
+
+    def output(self, d: NodeData) -> int:
+        """Tokens of one output: generated text (max_tokens) or the mean choice."""
+        if d.output_type == "text":
+            return d.spec.output.max_tokens
+        return math.ceil(sum(tokens(len(c)) for c in d.choices) / len(d.choices))
+
+    def prompt(self, d: NodeData) -> int:
+        """Tokens of one rendered request of the node (query template for deep_thinking)."""
+        own = tokens(len(d.spec.template)) + (tokens(len(d.spec.prompt)) if d.kind is NodeKind.LAYER else 0)
+        return own + sum(self.field(f) for f in d.inputs) + sum(self.output(self.data[p]) for p in d.parents)
+
+    def scores(self, d: NodeData) -> bool:
+        return d.output_type == "text" or Capability.SCORE in self.capabilities[d.backend]
+
+    def forward(self, d: NodeData, examples: int, purpose: str = "forward") -> BatchedCall:
+        """The node's forward over `examples` examples as one batched call."""
+        p = self.prompt(d)
+        if d.output_type == "text":
+            return BatchedCall("generate", purpose, d.backend, (d.name,), examples, examples * p, examples * self.output(d))
+        if not self.scores(d):  # top-logprobs: one generated token per example
+            return BatchedCall("generate", purpose, d.backend, (d.name,), examples, examples * p, examples)
+        n = examples * len(d.choices)
+        return BatchedCall("score", purpose, d.backend, (d.name,), n, n * p, examples * sum(tokens(len(c)) for c in d.choices))
+
+    def score_targets(self, d: NodeData, count: int, purpose: str, target_tokens: int) -> BatchedCall:
+        """Scoring `count` targets under node `d` (all choices of each, for a choice node)."""
+        per = 1 if d.output_type == "text" else len(d.choices)
+        return BatchedCall("score", purpose, d.backend, (d.name,), count * per, count * per * self.prompt(d), count * per * target_tokens)
+
+
+def _trains_upstream(data: dict[str, NodeData], generations: list[tuple[str, ...]]) -> dict[str, bool]:
+    """Node -> whether some ancestor is trainable (one pass in topological order)."""
+    out: dict[str, bool] = {}
+    for generation in generations:
+        for name in generation:
+            out[name] = any(data[p].trainable or out[p] for p in data[name].parents)
+    return out
+
+
+def _backward_calls(
+    d: NodeData, trains_upstream: bool, graph: nx.DiGraph, sizes: _Sizes, spec: Spec
+) -> list[BatchedCall]:
+    train = spec.train
+    b, k, n = train.batch_size, train.posterior_samples, train.prompt_proposals
+    calls: list[BatchedCall] = []
+    hidden = d.target is None
+    if hidden and (d.trainable or trains_upstream):
+        candidates = k if d.output_type == "text" else len(d.choices)
+        if d.output_type == "text":
+            children_targets = sum(sizes.output(sizes.data[c]) for c in graph.successors(d.name))
+            p = sizes.prompt(d) + children_targets + META_PROMPT_OVERHEAD_TOKENS
+            calls.append(BatchedCall("generate", "posterior_sampling", d.backend, (d.name,), b * k, b * k * p, b * k * sizes.output(d)))
+        for child in sorted(graph.successors(d.name)):
+            c = sizes.data[child]
+            calls.append(sizes.score_targets(c, b * candidates, "child_rescoring", sizes.output(c)))
+    if d.trainable:
+        meta = (
+            META_PROMPT_OVERHEAD_TOKENS
+            + tokens(len(d.spec.prompt))
+            + train.meta_examples * (sizes.prompt(d) + sizes.output(d))
+        )
+        calls.append(BatchedCall("generate", "prompt_proposals", d.backend, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
+        calls.append(sizes.score_targets(d, n * b, "candidate_scoring", sizes.output(d)))
+    return calls
+
+
+def _merge(calls) -> tuple[BatchedCall, ...]:
+    """One call per (backend, op, purpose): the trainer can batch a stage's requests together."""
+    groups: dict[tuple[str, str, str], list[BatchedCall]] = defaultdict(list)
+    for call in calls:
+        groups[(call.backend, call.op, call.purpose)].append(call)
+    return tuple(
+        BatchedCall(
+            op=op,
+            purpose=purpose,
+            backend=backend,
+            nodes=tuple(sorted({n for c in group for n in c.nodes})),
+            requests=sum(c.requests for c in group),
+            prompt_tokens=sum(c.prompt_tokens for c in group),
+            completion_tokens=sum(c.completion_tokens for c in group),
+        )
+        for (backend, op, purpose), group in sorted(groups.items(), key=lambda kv: (_ORDER[kv[0][2]], kv[0]))
+    )
+
+
+_ORDER = {"posterior_sampling": 0, "child_rescoring": 1, "prompt_proposals": 2, "candidate_scoring": 3}
+
+
+def _think(data: dict[str, NodeData], sizes: _Sizes, dev_rows: int) -> tuple[Stage, ...]:
+    thinkers = [d for d in data.values() if d.kind is NodeKind.DEEP_THINKING]
+    if not thinkers:
+        return ()
+    calls = []
+    for d in thinkers:
+        spec: DeepThinkingNode = d.spec  # type: ignore[assignment]
+        steps = spec.steps or spec.max_steps
+        count = len(spec.demonstrations.examples) if spec.demonstrations.examples else spec.demonstrations.count
+        read = templates.variables(spec.demo_template)
+        demo = tokens(len(spec.demo_template)) + sum(
+            sizes.field(spec.label_field if v == "label" else v, spec.demonstrations.split) for v in sorted(read)
+        )
+        calls.append(BatchedCall("think", "think", d.backend, (d.name,), steps, steps * count * demo, 0))
+        if spec.steps is None and dev_rows:
+            select = sizes.forward(d, dev_rows * steps, "step_selection")
+            calls.append(select)
+    return (Stage(0, tuple(d.name for d in thinkers), tuple(calls)),)
+
+
+def _dev_rows(spec: Spec, profiles: dict[str, FieldProfile]) -> int:
+    dev = profiles.get("dev")
+    if dev is None:
+        return 0
+    return min(spec.train.dev_size, dev.rows) if spec.train.dev_size else dev.rows
+
+
+def _calls(stages: tuple[Stage, ...]) -> list[BatchedCall]:
+    return [c for s in stages for c in s.calls]
+
+
+def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec) -> PlanNode:
+    return PlanNode(
+        name=d.name,
+        kind=d.kind.value,
+        backend=d.backend,
+        backend_kind=spec.backends[d.backend].kind,
+        output_type=d.output_type,
+        choices=d.choices,
+        parents=d.parents,
+        inputs=d.inputs,
+        children=tuple(sorted(graph.successors(d.name))),
+        trainable=d.trainable,
+        target=d.target,
+        span=d.span,
+    )

@@ -1,0 +1,53 @@
+"""Jinja templates as the compiler sees them: parsed in a sandbox, variables found.
+
+Parsing is cached by template text, so a spec whose nodes share a template
+(or a large generated spec) parses each distinct text once. Positions of
+problems are mapped back to the spec file here, because where a template line
+sits depends on how it was written in YAML (plain, quoted or block scalar).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from dlngraph.errors import Span
+from dlngraph.yamlsource import PathKey, Source
+
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+@lru_cache(maxsize=1 << 16)
+def variables(text: str) -> frozenset[str]:
+    """The undeclared variables of a template; raises `jinja2.TemplateSyntaxError`."""
+    return frozenset(meta.find_undeclared_variables(_ENV.parse(text)))
+
+
+def error_span(source: Source, path: PathKey, template_line: int) -> Span:
+    """Where line `template_line` (1-based) of the template at `path` sits in the file."""
+    located = source.nearest(path)
+    value = located.value
+    block = located.style in ("|", ">")
+    line = value.line + template_line - (0 if block else 1)
+    line = min(line, value.end_line or line)
+    if line == value.line and not block:
+        return Span(value.line, value.col)
+    text = source.line(line) or ""
+    return Span(line, len(text) - len(text.lstrip()) + 1)
+
+
+def variable_span(source: Source, path: PathKey, name: str) -> Span:
+    """The first place `name` is written inside the template at `path` (else the value)."""
+    value = source.value_span(path)
+    pattern = re.compile(rf"\{{[{{%][^}}]*?\b({re.escape(name)})\b")
+    for line in range(value.line, (value.end_line or value.line) + 1):
+        text = source.line(line) or ""
+        start = value.col - 1 if line == value.line else 0
+        found = pattern.search(text, start)
+        if found:
+            return Span(line, found.start(1) + 1, line, found.end(1) + 1)
+    return value

@@ -1,0 +1,218 @@
+"""Pass 2, validate: YAML data -> a `Spec`, with pydantic errors at the user's text.
+
+REQUIRES "parsed". GUARANTEES "validated": `unit.spec` is a `Spec`.
+Every pydantic error becomes a Diagnostic: unknown keys (with a did-you-mean)
+and missing keys point at the key, bad values at the value. Pydantic's union
+tags ('layer', 'choice', ...) in an error's location are dropped by walking
+the location against the data itself. An unknown node `kind` is reported once
+as such, instead of as the layer errors pydantic would list for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import replace
+from typing import Any
+
+from pydantic import BaseModel, Tag, ValidationError
+
+from dlngraph.errors import Diagnostic, SpecError
+from dlngraph.spec import Spec
+from dlngraph.yamlsource import PathKey, Source
+
+from dlngraph.compiler.ir import NodeKind, Unit
+
+REQUIRES = frozenset({"parsed"})
+GUARANTEES = frozenset({"validated"})
+
+_TYPE_ERRORS = frozenset(
+    {
+        "string_type", "int_type", "int_parsing", "int_from_float", "float_type", "float_parsing",
+        "bool_type", "bool_parsing", "dict_type", "list_type", "model_type", "model_attributes_type",
+        "none_required", "mapping_type", "tuple_type", "set_type",
+    }
+)  # fmt: skip
+
+
+def run(unit: Unit) -> Unit:
+    assert unit.source is not None
+    source = unit.source
+    diagnostics, bad_kind_nodes = _unknown_node_kinds(source)
+    try:
+        spec = Spec.model_validate(source.data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            path, raw = _clean_loc(source.data, error["loc"])
+            if len(path) >= 2 and path[0] == "nodes" and path[1] in bad_kind_nodes:
+                continue
+            diagnostics.append(_diagnostic(source, error, path, raw))
+        raise SpecError(_dedupe(diagnostics)) from None
+    if diagnostics:
+        raise SpecError(diagnostics)
+    return replace(unit, spec=spec)
+
+
+def _unknown_node_kinds(source: Source) -> tuple[list[Diagnostic], set[str]]:
+    nodes = source.data.get("nodes")
+    if not isinstance(nodes, dict):
+        return [], set()
+    diagnostics, bad = [], set()
+    known = [k.value for k in NodeKind]
+    for name, node in nodes.items():
+        kind = node.get("kind") if isinstance(node, dict) else None
+        if kind is None or kind in known:
+            continue
+        bad.add(name)
+        diagnostics.append(
+            source.diagnostic(
+                "E105",
+                f"unknown node kind {kind!r}",
+                source.value_span(("nodes", str(name), "kind")),
+                node=str(name),
+                hint=_did_you_mean(str(kind), known, "node kinds are"),
+            )
+        )
+    return diagnostics, bad
+
+
+def _clean_loc(data: Any, loc: tuple[str | int, ...]) -> tuple[PathKey, tuple[str | int, ...]]:
+    """(the location as a path through the data, the raw loc) with union tags dropped.
+
+    A loc element is kept if the data at that point has it; otherwise it is a
+    tag, unless it is the last element (a missing or unknown key).
+    """
+    path: list[str | int] = []
+    cursor = data
+    for i, element in enumerate(loc):
+        if element == "[key]":
+            break
+        last = i == len(loc) - 1
+        if isinstance(cursor, dict) and element in cursor:
+            path.append(element if isinstance(element, str) else str(element))
+            cursor = cursor[element]
+        elif isinstance(cursor, list) and isinstance(element, int) and element < len(cursor):
+            path.append(element)
+            cursor = cursor[element]
+        elif last:
+            path.append(element)
+    return tuple(path), loc
+
+
+def _diagnostic(source: Source, error: dict, path: PathKey, raw: tuple) -> Diagnostic:
+    kind = error["type"]
+    node = str(path[1]) if len(path) >= 2 and path[0] == "nodes" else None
+    where = ".".join(str(p) for p in path) or "the spec"
+    if raw and raw[-1] == "[key]":
+        return source.diagnostic(
+            "E103",
+            f"{where}: names must be strings, got {error['input']!r}",
+            source.key_span(path),
+            node=node,
+            hint="quote the name",
+        )
+    if kind == "missing":
+        parent = ".".join(str(p) for p in path[:-1]) or "the top level"
+        return source.diagnostic(
+            "E102",
+            f"missing required key '{path[-1]}' in {parent}",
+            source.key_span(path[:-1]),
+            node=node,
+            hint=f"add `{path[-1]}:` to {parent}",
+        )
+    if kind == "extra_forbidden":
+        fields = _fields_at(raw[:-1])
+        return source.diagnostic(
+            "E101",
+            f"unknown key '{path[-1]}' in {'.'.join(str(p) for p in path[:-1]) or 'the top level'}",
+            source.key_span(path),
+            node=node,
+            hint=_did_you_mean(str(path[-1]), fields, "valid keys here are"),
+        )
+    message = error["msg"].removeprefix("Value error, ")
+    code = "E103" if kind in _TYPE_ERRORS else "E104"
+    got = f", got {_short(error['input'])}" if code == "E103" else ""
+    hint = {
+        "E103": "quote strings that look like numbers or booleans; `dlngraph schema` shows each key's type",
+    }.get(code, "see `dlngraph schema` for the allowed values")
+    return source.diagnostic(code, f"{where}: {message}{got}", source.value_span(path), node=node, hint=hint)
+
+
+def _did_you_mean(word: str, candidates: list[str], listing: str) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    allowed = f"{listing}: {', '.join(sorted(candidates))}" if candidates else ""
+    if close:
+        return f"did you mean '{close[0]}'? ({allowed})" if allowed else f"did you mean '{close[0]}'?"
+    return allowed or "remove it"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dedupe(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    seen, out = set(), []
+    for d in diagnostics:
+        key = (d.span, d.code, d.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------- did-you-mean
+
+
+def _fields_at(raw_loc: tuple) -> list[str]:
+    """Field names of the model a pydantic loc (tags included) points into."""
+    annotation: Any = Spec
+    for element in raw_loc:
+        annotation = _step(annotation, element)
+        if annotation is None:
+            return []
+    model = _as_model(annotation)
+    return list(model.model_fields) if model else []
+
+
+def _step(annotation: Any, element: str | int) -> Any:
+    model = _as_model(annotation)
+    if model is not None:
+        info = model.model_fields.get(str(element))
+        return info.annotation if info else None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _step(typing.get_args(annotation)[0], element)
+    if origin in (dict, list):
+        return typing.get_args(annotation)[-1]
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        for member in members:
+            if _tag_of(member) == element:
+                return member
+        real = [m for m in members if m is not type(None)]
+        return _step(real[0], element) if len(real) == 1 else None
+    return None
+
+
+def _tag_of(member: Any) -> Any:
+    if typing.get_origin(member) is typing.Annotated:
+        for meta in typing.get_args(member)[1:]:
+            if isinstance(meta, Tag):
+                return meta.tag
+        member = typing.get_args(member)[0]
+    model = _as_model(member)
+    for name in ("type", "kind"):
+        info = model.model_fields.get(name) if model else None
+        if info is not None and info.default is not None:
+            return info.default
+    return None
+
+
+def _as_model(annotation: Any) -> type[BaseModel] | None:
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None

@@ -1,0 +1,219 @@
+"""Loading a spec's YAML once, keeping where every key and value sits.
+
+`load_source(path)` composes the file with PyYAML (libyaml when present) and
+returns a `Source`: the plain data plus a map from a path of keys/indices
+(``("nodes", "answer", "template")``) to the spans of that key and its value,
+so later passes can point errors at the user's own text. File-level mistakes
+(too big, not UTF-8, empty, YAML syntax, duplicate keys, a top level that is
+not a mapping) are `SpecError`s here. This module imports only dlngraph.errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlngraph.codes import name_of
+from dlngraph.errors import Diagnostic, SpecError, Span
+
+MAX_SPEC_BYTES = 16 * 1024 * 1024  # large enough for a 50,000-node generated spec
+
+PathKey = tuple[str | int, ...]
+
+_Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one mapping entry or list item sits: its key (if any) and its value."""
+
+    key: Span | None
+    value: Span
+    style: str | None = None  # scalar style of the value: None (plain), "'", '"', "|", ">"
+
+
+@dataclass
+class Source:
+    path: Path
+    text: str
+    data: Any
+    spans: dict[PathKey, Located] = field(default_factory=dict)
+    _lines: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def line(self, number: int) -> str | None:
+        """The 1-based source line, or None past the end."""
+        if self._lines is None:
+            self._lines = self.text.splitlines()
+        return self._lines[number - 1] if 0 < number <= len(self._lines) else None
+
+    def diagnostic(
+        self, code: str, message: str, span: Span, *, node: str | None = None, hint: str | None = None
+    ) -> Diagnostic:
+        return Diagnostic(
+            code=code,
+            name=name_of(code),
+            message=message,
+            file=self.name,
+            span=span,
+            node=node,
+            hint=hint,
+            source_line=self.line(span.line),
+        )
+
+    def key_span(self, path: PathKey) -> Span:
+        """The span of the key at `path`; for a list item or the root, its value."""
+        located = self.nearest(path)
+        return located.key or located.value
+
+    def value_span(self, path: PathKey) -> Span:
+        return self.nearest(path).value
+
+    def nearest(self, path: PathKey) -> Located:
+        """The located entry of `path`, or of its longest prefix that exists."""
+        for cut in range(len(path), -1, -1):
+            found = self.spans.get(path[:cut])
+            if found is not None:
+                return found
+        return Located(None, Span(1, 1))
+
+
+def load_source(path: str | Path) -> Source:
+    """Read and compose `path`; file-level problems raise `SpecError`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _file_error(path, "E007", f"spec file not found: {path}", "check the path") from None
+    except OSError as exc:
+        raise _file_error(path, "E007", f"cannot read the spec file: {exc.strerror}", None) from None
+    return parse_source(raw, path)
+
+
+def parse_source(raw: bytes, path: Path) -> Source:
+    """Compose `raw` (the bytes of the file at `path`) into a `Source`."""
+    if len(raw) > MAX_SPEC_BYTES:
+        raise _file_error(
+            path,
+            "E003",
+            f"spec file is {len(raw):,} bytes, more than the limit of {MAX_SPEC_BYTES:,}",
+            "a spec describes a graph; put data in JSONL files named under `data:`",
+        )
+    text = _decode(raw, path)
+    source = Source(path=path, text=text, data=None)
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        raise _syntax_error(source, exc) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(source.diagnostic("E001", f"invalid YAML: {exc}", Span(1, 1))) from None
+    if root is None:
+        raise SpecError(
+            source.diagnostic(
+                "E005", "the spec is empty", Span(1, 1), hint="start from one of the specs in specs/"
+            )
+        )
+    if not isinstance(root, yaml.MappingNode):
+        found = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+        raise SpecError(
+            source.diagnostic(
+                "E006",
+                f"the top level of a spec must be a mapping of keys, found {found}",
+                _span(root),
+                hint="write `name: ...`, `inputs: ...`, `nodes: ...` at the top level, without a leading '- '",
+            )
+        )
+    duplicates: list[Diagnostic] = []
+    _index(root, (), source.spans, duplicates, source)
+    if duplicates:
+        raise SpecError(duplicates)
+    source.spans[()] = Located(None, Span(1, 1))
+    try:
+        source.data = yaml.constructor.SafeConstructor().construct_document(root)
+    except yaml.YAMLError as exc:  # e.g. an unknown tag, which composing accepts
+        mark = getattr(exc, "problem_mark", None)
+        span = Span(mark.line + 1, mark.column + 1) if mark else Span(1, 1)
+        raise SpecError(source.diagnostic("E001", f"invalid YAML: {exc}", span)) from None
+    return source
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = raw[: exc.start]
+        line = before.count(b"\n") + 1
+        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        shown = before.split(b"\n")[-1].decode("utf-8", "replace")
+        raise SpecError(
+            Diagnostic(
+                code="E004",
+                name=name_of("E004"),
+                message=f"the spec is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                file=str(path),
+                span=Span(line, col),
+                hint="save the file as UTF-8",
+                source_line=shown,
+            )
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _index(node: yaml.Node, path: PathKey, spans: dict, duplicates: list, source: Source) -> None:
+    """Record the span of every entry under `node`; collect duplicate keys."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
+            if key in seen:
+                first = seen[key].start_mark
+                duplicates.append(
+                    source.diagnostic(
+                        "E002",
+                        f"duplicate key '{key}' (first defined at line {first.line + 1})",
+                        _span(key_node),
+                        hint="YAML keeps only the last value of a repeated key; remove or rename one",
+                    )
+                )
+                continue
+            seen[key] = key_node
+            child = (*path, key)
+            spans[child] = Located(_span(key_node), _span(value_node), _style(value_node))
+            _index(value_node, child, spans, duplicates, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = (*path, i)
+            spans[child] = Located(None, _span(item), _style(item))
+            _index(item, child, spans, duplicates, source)
+
+
+def _span(node: yaml.Node) -> Span:
+    start, end = node.start_mark, node.end_mark
+    return Span(start.line + 1, start.column + 1, end.line + 1, end.column + 1)
+
+
+def _style(node: yaml.Node) -> str | None:
+    return getattr(node, "style", None) if isinstance(node, yaml.ScalarNode) else None
+
+
+def _syntax_error(source: Source, exc: yaml.MarkedYAMLError) -> SpecError:
+    mark = exc.problem_mark or exc.context_mark
+    span = Span(mark.line + 1, mark.column + 1) if mark else Span(1, 1)
+    problem = exc.problem or "invalid YAML"
+    context = f" ({exc.context})" if exc.context else ""
+    hint = "check indentation and quoting; a ':' or '#' inside a value needs quotes"
+    if "\t" in (source.line(span.line) or ""):
+        hint = "YAML does not allow tabs for indentation; use spaces"
+    return SpecError(source.diagnostic("E001", f"YAML syntax error: {problem}{context}", span, hint=hint))
+
+
+def _file_error(path: Path, code: str, message: str, hint: str | None) -> SpecError:
+    return SpecError(Diagnostic(code=code, name=name_of(code), message=message, file=str(path), hint=hint))
