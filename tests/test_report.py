@@ -17,6 +17,13 @@ from dlngraph.report.diagram import layout
 from dlngraph.report.worddiff import word_diff
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
+ARTIFACTS = Path(__file__).resolve().parents[1] / "runs"  # CI keeps runs/ as artifacts
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+    # Any attempt to reach a host fails, so a page that needs the network shows errors.
+    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+)
 
 
 def _plan() -> dict:
@@ -163,3 +170,75 @@ def test_write_report_defaults_next_to_the_run(tmp_path: Path) -> None:
     path = write_report(run)
     assert path == run / "report.html"
     assert 'id="posteriors"' not in path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- headless browser
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    """Headless Chromium driven by selenium; skipped only when Chromium or selenium is absent."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("headless Chromium is absent: apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is absent: pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def _check_in_browser(driver, page: Path, screenshot: str) -> dict:
+    """Load PAGE; assert no console errors and no request leaving file://; save a full-page screenshot."""
+    for kind in ("browser", "performance"):  # drop what the start-up page logged
+        driver.get_log(kind)
+    driver.get(page.resolve().as_uri())
+    assert driver.execute_script("return document.readyState") == "complete"
+    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == []
+    sent = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+    requested = [
+        m["params"]["request"]["url"]
+        for m in sent
+        if m["method"] == "Network.requestWillBeSent" and m["params"].get("documentURL") == page.resolve().as_uri()
+    ]
+    assert requested and all(url.startswith(("file:", "data:")) for url in requested), requested
+    # Geometry of what must render: a drawn box has a size.
+    found = driver.execute_script(
+        """
+        const size = (el) => { const r = el.getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; };
+        const all = (sel) => Array.from(document.querySelectorAll(sel));
+        return {
+          network: all('svg.network').map(size),
+          boxes: all('svg.network g.box').map((g) => g.dataset.key).sort(),
+          edges: all('svg.network path.edge').length,
+          charts: all('svg.chart').map((el) => [el.getAttribute('class'), el.querySelectorAll('polyline').length].concat(size(el))),
+          steps: all('#prompts ~ .step, .step').map((el) => Number(el.dataset.iteration)),
+          diffs: all('.step ins, .step del').length,
+          height: document.documentElement.scrollHeight,
+        };
+        """
+    )
+    assert found["network"] and min(found["network"][0]) > 40
+    assert any(k.startswith("in:") for k in found["boxes"]) and any(k.startswith("out:") for k in found["boxes"])
+    assert found["edges"] >= len(found["boxes"]) - 1
+    assert found["charts"] and all(c[1] >= 1 and c[2] > 100 and c[3] > 100 for c in found["charts"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.set_window_size(1200, min(found["height"] + 40, 16000))
+    assert driver.save_screenshot(str(ARTIFACTS / screenshot))
+    return found
+
+
+def test_browser_renders_fabricated_report(browser, tmp_path: Path) -> None:
+    page = write_report(fabricate_run(tmp_path))
+    found = _check_in_browser(browser, page, "report-fabricated.png")
+    assert sorted(c[0] for c in found["charts"]) == ["chart accuracy", "chart loss"]
+    assert found["steps"] == [0, 1, 0, 2] and found["diffs"] >= 2
+    # The hostile spec text stayed text: no alert dialog, no injected element.
+    assert browser.execute_script("return document.querySelectorAll('script').length") == 0
