@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import dlngraph
+from dlngraph.api import compile_spec
 from dlngraph.cli import main
 from dlngraph.cli.init import Template
 from dlngraph.spec import Spec
@@ -35,6 +36,8 @@ def test_init_scaffolds_a_valid_spec_and_data(template: Template, tmp_path: Path
         assert all(set(r) == {"input", "target"} for r in rows)
     choices = {c for name in spec.outputs for c in spec.nodes[name].output.choices}
     assert {r["target"] for r in _lines(target / spec.data.train)} <= choices
+    plan = compile_spec(target / "spec.yaml")  # every compiler pass, incl. the data checks
+    assert plan.name == spec.name and set(plan.data_paths) == {"train", "dev", "test"}
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
