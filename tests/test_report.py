@@ -150,12 +150,17 @@ def test_report_escapes_run_text_and_fetches_nothing(tmp_path: Path) -> None:
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*["']?https?:""", html)
 
 
-def test_report_cli_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_cli_writes_and_opens_the_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr("webbrowser.open", opened.append)
     run = fabricate_run(tmp_path)
     out = tmp_path / "out" / "page.html"
-    main(["report", str(run), "-o", str(out)])
+    main(["report", str(run), "-o", str(out), "--open"])
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert str(out) in capsys.readouterr().out
+    assert opened == [out.resolve().as_uri()]
 
 
 def test_report_of_a_directory_that_is_not_a_run_fails_cleanly(tmp_path: Path) -> None:
