@@ -50,7 +50,7 @@ def _type(schema: dict[str, Any]) -> str:
 def _constraints(schema: dict[str, Any]) -> str:
     words = {
         "minimum": "≥ {}", "exclusiveMinimum": "> {}", "maximum": "≤ {}", "exclusiveMaximum": "< {}",
-        "minLength": "at least {} items", "minItems": "at least {} items", "minProperties": "at least {} entries",
+        "minLength": "length ≥ {}", "minItems": "length ≥ {}", "minProperties": "entries ≥ {}",
         "pattern": "matches `{}`",
     }
     return ", ".join(fmt.format(schema[key]) for key, fmt in words.items() if key in schema)
