@@ -10,6 +10,7 @@ not a mapping) are `SpecError`s here. This module imports only dlngraph.errors.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,23 @@ MAX_SPEC_BYTES = 16 * 1024 * 1024  # large enough for a 50,000-node generated sp
 
 PathKey = tuple[str | int, ...]
 
-_Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml when present) with YAML 1.2 booleans.
+
+    Only true/false are booleans: YAML 1.1 also reads yes/no/on/off as
+    booleans, which would silently turn `choices: [no, yes]` into [False, True].
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 @dataclass(frozen=True)
