@@ -72,14 +72,15 @@ def _read_variables(
     name: str, node, names: frozenset[str], inputs: frozenset[str], source: Source
 ) -> tuple[set[str], list[Diagnostic]]:
     """Variables the node's templates read (inputs and parents), and what is wrong with them."""
-    slots: list[tuple[str, frozenset[str]]]
+    # (slot, sees nodes, own words): the name sets are shared, never copied per node.
+    slots: list[tuple[str, bool, frozenset[str]]]
     if isinstance(node, DeepThinkingNode):
-        slots = [("demo_template", inputs | {LABEL}), ("template", inputs | names)]
+        slots = [("demo_template", False, frozenset({LABEL})), ("template", True, frozenset())]
     else:
-        slots = [("template", inputs | names | {PROMPT})]
+        slots = [("template", True, frozenset({PROMPT}))]
     read: set[str] = set()
     problems: list[Diagnostic] = []
-    for slot, allowed in slots:
+    for slot, sees_nodes, own in slots:
         path = ("nodes", name, slot)
         text = getattr(node, slot)
         try:
@@ -95,9 +96,11 @@ def _read_variables(
                 )
             )
             continue
-        for variable in sorted(found - allowed):
+        known = {v for v in found if v in own or v in inputs or (sees_nodes and v in names)}
+        for variable in sorted(found - known):
+            allowed = own | inputs | (names if sees_nodes else frozenset())
             problems.append(_bad_variable(name, slot, variable, allowed, source))
-        read |= found & allowed
+        read |= known
         if slot == "template" and not isinstance(node, DeepThinkingNode) and node.trainable and PROMPT not in found:
             problems.append(
                 source.diagnostic(

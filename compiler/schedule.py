@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
@@ -100,6 +100,7 @@ class _Sizes:
     data: dict[str, NodeData]
     profiles: dict[str, FieldProfile]
     capabilities: dict[str, frozenset[Capability]]
+    _prompts: dict[str, int] = field(default_factory=dict)  # node -> prompt tokens, computed once
 
     def field(self, name: str, split: str = "train") -> int:
         profile = self.profiles.get(split) or next(iter(self.profiles.values()), None)
@@ -115,8 +116,12 @@ class _Sizes:
 
     def prompt(self, d: NodeData) -> int:
         """Tokens of one rendered request of the node (query template for deep_thinking)."""
-        own = tokens(len(d.spec.template)) + (tokens(len(d.spec.prompt)) if d.kind is NodeKind.LAYER else 0)
-        return own + sum(self.field(f) for f in d.inputs) + sum(self.output(self.data[p]) for p in d.parents)
+        known = self._prompts.get(d.name)
+        if known is None:
+            own = tokens(len(d.spec.template)) + (tokens(len(d.spec.prompt)) if d.kind is NodeKind.LAYER else 0)
+            reads = sum(self.field(f) for f in d.inputs) + sum(self.output(self.data[p]) for p in d.parents)
+            known = self._prompts[d.name] = own + reads
+        return known
 
     def scores(self, d: NodeData) -> bool:
         return d.output_type == "text" or Capability.SCORE in self.capabilities[d.backend]

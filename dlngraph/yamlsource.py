@@ -25,7 +25,6 @@ MAX_SPEC_BYTES = 16 * 1024 * 1024  # large enough for a 50,000-node generated sp
 PathKey = tuple[str | int, ...]
 
 
-
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """The safe loader (libyaml when present) with YAML 1.2 booleans.
 
@@ -57,7 +56,8 @@ class Source:
     path: Path
     text: str
     data: Any
-    spans: dict[PathKey, Located] = field(default_factory=dict)
+    # path -> (key node or None, value node); spans are made from the nodes' marks on demand
+    spans: dict[PathKey, tuple[yaml.Node | None, yaml.Node]] = field(default_factory=dict)
     _lines: list[str] | None = None
 
     @property
@@ -97,7 +97,8 @@ class Source:
         for cut in range(len(path), -1, -1):
             found = self.spans.get(path[:cut])
             if found is not None:
-                return found
+                key, value = found
+                return Located(key and _span(key), _span(value), _style(value))
         return Located(None, Span(1, 1))
 
 
@@ -146,17 +147,12 @@ def parse_source(raw: bytes, path: Path) -> Source:
                 hint="write `name: ...`, `inputs: ...`, `nodes: ...` at the top level, without a leading '- '",
             )
         )
-    duplicates: list[Diagnostic] = []
-    _index(root, (), source.spans, duplicates, source)
-    if duplicates:
-        raise SpecError(duplicates)
-    source.spans[()] = Located(None, Span(1, 1))
-    try:
-        source.data = yaml.constructor.SafeConstructor().construct_document(root)
-    except yaml.YAMLError as exc:  # e.g. an unknown tag, which composing accepts
-        mark = getattr(exc, "problem_mark", None)
-        span = Span(mark.line + 1, mark.column + 1) if mark else Span(1, 1)
-        raise SpecError(source.diagnostic("E001", f"invalid YAML: {exc}", span)) from None
+    builder = _Builder(source)
+    data = builder.build(root, ())
+    if builder.problems:
+        raise SpecError(builder.problems)
+    source.data = data
+    source.spans[()] = (None, root)
     return source
 
 
@@ -182,34 +178,111 @@ def _decode(raw: bytes, path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _index(node: yaml.Node, path: PathKey, spans: dict, duplicates: list, source: Source) -> None:
-    """Record the span of every entry under `node`; collect duplicate keys."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, yaml.Node] = {}
+class _Builder:
+    """Builds plain data from the composed nodes, recording every entry's nodes.
+
+    One walk does what PyYAML's constructor does for the safe schema, plus the
+    span map and duplicate-key detection. Shared (aliased) nodes are built once
+    and reused, as PyYAML does, so alias bombs stay cheap; a node that contains
+    itself is an error. Merge keys and non-scalar tags (!!set, !!omap) go to
+    PyYAML's constructor for that node.
+    """
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.problems: list[Diagnostic] = []
+        self.built: dict[int, Any] = {}
+        self.building: set[int] = set()
+
+    def build(self, node: yaml.Node, path: PathKey) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            return _scalar(node, self.source)
+        ident = id(node)
+        if ident in self.built:
+            return self.built[ident]
+        if ident in self.building:
+            raise SpecError(self.source.diagnostic("E001", "a YAML alias refers to a node that contains it", _span(node)))
+        self.building.add(ident)
+        if node.tag not in (_MAP, _SEQ) or (
+            isinstance(node, yaml.MappingNode) and any(k.tag == _MERGE for k, _ in node.value)
+        ):
+            value = _construct(node, self.source)
+        elif isinstance(node, yaml.SequenceNode):
+            value = self._sequence(node, path)
+        else:
+            value = self._mapping(node, path)
+        self.building.discard(ident)
+        self.built[ident] = value
+        return value
+
+    def _sequence(self, node: yaml.SequenceNode, path: PathKey) -> list:
+        spans, out = self.source.spans, []
+        for i, item in enumerate(node.value):
+            child = (*path, i)
+            spans[child] = (None, item)
+            out.append(self.build(item, child))
+        return out
+
+    def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict:
+        spans, out = self.source.spans, {}
+        first_line: dict[Any, int] = {}
         for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problems.append(
+                    self.source.diagnostic(
+                        "E001", "a key must be a plain value, not a list or mapping", _span(key_node),
+                        hint="write keys as plain words",
+                    )
+                )  # fmt: skip
                 continue
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
-            if key in seen:
-                first = seen[key].start_mark
-                duplicates.append(
-                    source.diagnostic(
+            key = _scalar(key_node, self.source)
+            if key in first_line:
+                self.problems.append(
+                    self.source.diagnostic(
                         "E002",
-                        f"duplicate key '{key}' (first defined at line {first.line + 1})",
+                        f"duplicate key '{key_node.value}' (first defined at line {first_line[key]})",
                         _span(key_node),
                         hint="YAML keeps only the last value of a repeated key; remove or rename one",
                     )
                 )
                 continue
-            seen[key] = key_node
-            child = (*path, key)
-            spans[child] = Located(_span(key_node), _span(value_node), _style(value_node))
-            _index(value_node, child, spans, duplicates, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            child = (*path, i)
-            spans[child] = Located(None, _span(item), _style(item))
-            _index(item, child, spans, duplicates, source)
+            first_line[key] = key_node.start_mark.line + 1
+            child = (*path, key_node.value)
+            spans[child] = (key_node, value_node)
+            out[key] = self.build(value_node, child)
+        return out
+
+
+_MAP, _SEQ, _MERGE = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:merge"
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_SCALARS = {
+    "tag:yaml.org,2002:null": _CONSTRUCTOR.construct_yaml_null,
+    "tag:yaml.org,2002:bool": _CONSTRUCTOR.construct_yaml_bool,
+    "tag:yaml.org,2002:int": _CONSTRUCTOR.construct_yaml_int,
+    "tag:yaml.org,2002:float": _CONSTRUCTOR.construct_yaml_float,
+}
+
+
+def _scalar(node: yaml.ScalarNode, source: Source) -> Any:
+    if node.tag == "tag:yaml.org,2002:str":
+        return node.value
+    make = _SCALARS.get(node.tag)
+    return make(node) if make is not None else _construct(node, source)
+
+
+def _construct(node: yaml.Node, source: Source) -> Any:
+    """PyYAML's safe constructor for what the fast walk does not handle."""
+    try:
+        return yaml.constructor.SafeConstructor().construct_document(node)
+    except yaml.YAMLError as exc:  # e.g. an unknown tag, which composing accepts
+        mark = getattr(exc, "problem_mark", None) or node.start_mark
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(
+            source.diagnostic(
+                "E001", f"invalid YAML: {problem}", Span(mark.line + 1, mark.column + 1),
+                hint="dlngraph reads plain YAML: strings, numbers, true/false, lists and mappings",
+            )
+        ) from None  # fmt: skip
 
 
 def _span(node: yaml.Node) -> Span:
