@@ -50,9 +50,9 @@ class EvalResult:
 def compile_plan(spec: SpecLike) -> ExecutionPlan:
     if isinstance(spec, ExecutionPlan):
         return spec
-    from dlngraph.api import compile_spec
+    from dlngraph.api import load_plan
 
-    return compile_spec(spec)
+    return load_plan(spec)
 
 
 def open_backends(

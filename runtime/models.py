@@ -142,6 +142,9 @@ def load_causal_lm(model: str = EMBEDDED, device: str = "auto", dtype: str = "fl
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise on every run
     source = ModelSource.resolve(model)
     directory = model_directory(source)
     hint = "the directory must hold a Hugging Face causal LM (config.json, weights, tokenizer)"

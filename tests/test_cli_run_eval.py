@@ -159,11 +159,16 @@ def test_bad_input_is_a_clear_error_without_traceback(
     long_input = json.dumps({"input": "word " * 9000})
     assert_clean_failure(cli(capsys, "run", spec, "--input", long_input, "--no-cache"), "node 'sentiment'", "context")
 
+    # The compiler checks the spec's data files; the runtime checks what it reads itself.
     bad_json = write_spec(tmp_path / "badjson", dev_lines=[json.dumps(DEV[0]), "{not json"])
-    assert_clean_failure(cli(capsys, "eval", bad_json, "--cache", cache_dir), "dev.jsonl:2", "not valid JSON")
-
+    assert_clean_failure(cli(capsys, "eval", bad_json, "--cache", cache_dir), "dev.jsonl:2")
     no_target = write_spec(tmp_path / "nofield", dev_lines=[json.dumps(DEV[0]), json.dumps({"input": "x"})])
-    assert_clean_failure(cli(capsys, "eval", no_target, "--cache", cache_dir), "dev.jsonl:2", "missing field 'target'")
+    assert_clean_failure(cli(capsys, "eval", no_target, "--cache", cache_dir), "dev.jsonl", "target")
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"input": "fine"}\n\n{"input": "ok"\n')
+    assert_clean_failure(cli(capsys, "run", spec, "--input-file", inputs), "inputs.jsonl:3", "not valid JSON")
+    inputs.write_text('{"input": "fine"}\n{"text": "ok"}\n')
+    assert_clean_failure(cli(capsys, "run", spec, "--input-file", inputs), "inputs.jsonl:2", "missing field 'input'")
 
     assert_clean_failure(cli(capsys, "run", spec, "--input", '{"text": "x"}'), "--input #1", "missing field 'input'")
 
