@@ -37,7 +37,7 @@ class Diagnostic:
     @property
     def headline(self) -> str:
         where = f"node '{self.node}': " if self.node else ""
-        return f"{self.file}:{self.span.line}:{self.span.col}: error: {where}{self.message}"
+        return _one_line(f"{self.file}:{self.span.line}:{self.span.col}: error: {where}{self.message}")
 
     def render(self) -> str:
         lines = [self.headline]
@@ -63,6 +63,19 @@ class Diagnostic:
         d = asdict(self)
         d.pop("source_line")
         return d
+
+
+# Control characters and line separators (from a key or value in the user's
+# file) are escaped so a headline stays one line.
+_CONTROL = (
+    {c: f"\\x{c:02x}" for c in [*range(32), *range(0x7F, 0xA0)]}
+    | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+    | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+)
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 class DlngraphError(Exception):
