@@ -130,3 +130,28 @@ def name_of(code: str) -> str:
 def lookup(code_or_name: str) -> Code | None:
     """A code by its code (any case) or its kebab name."""
     return CODES.get(code_or_name.upper()) or _BY_NAME.get(code_or_name.lower())
+
+
+def markdown() -> str:
+    """docs/errors.md, generated from this catalogue (a test keeps the file in sync)."""
+    out = [
+        "# Error codes",
+        "",
+        "Every mistake `dlngraph compile` finds is reported as `FILE:LINE:COL: error: MESSAGE`,",
+        "followed by the source line with a caret, a `help:` hint and its code. `dlngraph explain CODE`",
+        "prints the entry below; `--error-format json` gives the same fields to tools.",
+        "tests/specs/bad/ holds one broken spec per mistake with the message it produces.",
+        "",
+        "This page is generated from `dlngraph/codes.py`: `python -m dlngraph.codes > docs/errors.md`.",
+        "",
+        "| code | name | meaning |",
+        "|---|---|---|",
+        *(f"| {c.code} | {c.name} | {c.summary} |" for c in _CODES),
+    ]
+    for c in _CODES:
+        out += ["", f"## {c.code} {c.name}", "", f"**{c.summary}**", "", c.explanation]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

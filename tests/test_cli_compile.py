@@ -1,0 +1,117 @@
+"""`dlngraph compile`, `schema` and `explain` through the CLI entry point, and the meta-prompt pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dlngraph.cli import main
+from dlngraph.codes import CODES, lookup, markdown
+from dlngraph.errors import SpecError
+from dlngraph.compiler.pipeline import compile_unit
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
+def test_compile_prints_a_summary_of_every_example(spec: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _cli(capsys, "compile", str(spec))
+    assert (code, err) == (0, "")
+    assert out.startswith("plan ")
+    for section in ("nodes (", "forward (", "backward per iteration", "per iteration:", "fit ("):
+        assert section in out
+
+
+def test_compile_formats_and_output_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = str(ROOT / "specs/dln2-subj.yaml")
+    code, out, _ = _cli(capsys, "compile", spec, "--format", "json")
+    assert code == 0
+    plan = json.loads(out)
+    assert [s["nodes"] for s in plan["forward"]] == [["reason"], ["answer"]]
+    assert plan["estimate"]["fit"]["requests"] > 0
+    code, out, _ = _cli(capsys, "compile", spec, "-f", "dot")
+    assert out.startswith('digraph "dln2-subj"') and '"reason" -> "answer";' in out
+    code, out, _ = _cli(capsys, "compile", spec, "-f", "mermaid")
+    assert out.startswith("flowchart LR") and "n_reason --> n_answer" in out
+    target = tmp_path / "plan.json"
+    code, out, _ = _cli(capsys, "compile", spec, "-f", "json", "-o", str(target))
+    assert (code, out) == (0, "")
+    assert json.loads(target.read_text()) == plan
+
+
+def test_load_plan_reads_a_saved_plan_and_refuses_a_stale_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dlngraph import DlngraphError, load_plan
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes((ROOT / "specs/wide-dag.yaml").read_bytes().replace(b"data/", str(ROOT / "specs/data").encode() + b"/"))
+    saved = tmp_path / "plan.json"
+    assert _cli(capsys, "compile", str(spec), "-f", "json", "-o", str(saved))[0] == 0
+    assert load_plan(saved).to_json() == saved.read_text()
+    spec.write_text(spec.read_text().replace("iterations: 3", "iterations: 5"))
+    with pytest.raises(DlngraphError, match="stale"):
+        load_plan(saved)
+
+
+def test_schema_is_the_spec_json_schema(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _cli(capsys, "schema")
+    schema = json.loads(out)
+    assert code == 0
+    assert {"name", "inputs", "nodes", "outputs", "train"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_explain_by_code_and_name(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _cli(capsys, "explain", "e301")
+    assert code == 0 and out.startswith("E301 (cycle):")
+    code, out, _ = _cli(capsys, "explain", "unknown-key")
+    assert code == 0 and out.startswith("E101 (unknown-key):")
+    code, out, _ = _cli(capsys, "explain", "--all")
+    assert len(out.strip().splitlines()) == len(CODES)
+    code, _, err = _cli(capsys, "explain", "E999")
+    assert code == 1 and "unknown code" in err
+
+
+def test_codes_have_unique_names_and_docs_list_them_all() -> None:
+    assert len({c.name for c in CODES.values()}) == len(CODES)
+    assert all(lookup(c.name) is c and c.explanation for c in CODES.values())
+    docs = (ROOT / "docs/errors.md").read_text()
+    assert docs == markdown(), "regenerate: python -m dlngraph.codes > docs/errors.md"
+    for c in CODES.values():
+        assert f"## {c.code} {c.name}" in docs
+
+
+def test_a_broken_builtin_meta_prompt_fails_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dlngraph.prompts as prompts
+
+    monkeypatch.setattr(prompts, "TEMPLATES", {"proposal.jinja": frozenset({"prompt"})})
+    monkeypatch.setattr(prompts, "load", lambda name: "Improve:\n{{ prompt }}\n{% for x in failures %}")
+    with pytest.raises(SpecError) as info:
+        compile_unit(ROOT / "specs/dln1-mpqa.yaml")
+    [d] = info.value.diagnostics
+    assert d.code == "E601" and d.file.endswith("proposal.jinja")
+    assert "built-in meta-prompt 'proposal.jinja' does not parse" in d.message
+
+
+def test_a_meta_prompt_reading_an_undeclared_variable_fails_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dlngraph.prompts as prompts
+
+    monkeypatch.setattr(prompts, "TEMPLATES", {"posterior.jinja": frozenset({"prompt", "input"})})
+    monkeypatch.setattr(prompts, "load", lambda name: "{{ prompt }}\n{{ input }}\n{{ answer }}")
+    with pytest.raises(SpecError) as info:
+        compile_unit(ROOT / "specs/dln1-mpqa.yaml")
+    [d] = info.value.diagnostics
+    assert (d.code, d.span.line) == ("E601", 3)
+    assert "undeclared variable(s) answer" in d.message
