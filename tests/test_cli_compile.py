@@ -115,3 +115,37 @@ def test_a_meta_prompt_reading_an_undeclared_variable_fails_compile(monkeypatch:
     [d] = info.value.diagnostics
     assert (d.code, d.span.line) == ("E601", 3)
     assert "undeclared variable(s) answer" in d.message
+
+
+def _documented_default(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if hasattr(value, "model_dump"):
+        return "see below"
+    if isinstance(value, dict):  # the default backends
+        return "`" + json.dumps({k: v.model_dump(exclude_defaults=True) | {"kind": v.kind} for k, v in value.items()}) + "`"
+    return "`" + json.dumps(value) + "`"
+
+
+def test_spec_docs_list_every_key_with_its_default() -> None:
+    from dlngraph import spec
+
+    tables: list[list[tuple[str, str]]] = [[]]
+    for line in (ROOT / "docs/spec.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            tables[-1].append((cells[0].strip("`"), cells[1]))
+        elif tables[-1]:
+            tables.append([])
+    models = [
+        spec.Spec, spec.TorchBackendSpec, spec.LiteLLMBackendSpec, spec.Deployment, spec.PluginBackendSpec,
+        spec.DataSpec, spec.LayerNode, spec.TextOutput, spec.ChoiceOutput, spec.DeepThinkingNode,
+        spec.Demonstrations, spec.TrainSpec, spec.TrackingSpec, spec.MLflowSpec,
+    ]  # fmt: skip
+    documented = [t for t in tables if t]
+    for model in models:
+        want = [(k, _documented_default(f)) for k, f in model.model_fields.items()]
+        assert want in documented, f"docs/spec.md: the table of {model.__name__} is missing or stale"
