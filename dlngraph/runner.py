@@ -91,6 +91,11 @@ def _prompts(checkpoint: str | Path | None, prompts: Mapping[str, str] | None) -
     return merged
 
 
+def _run_dir(checkpoint: str | Path | None) -> Path | None:
+    """A checkpoint's directory also holds the run's Deep-Thinking states."""
+    return Path(checkpoint).parent if checkpoint is not None else None
+
+
 def run(
     spec: SpecLike,
     examples: Sequence[Mapping[str, str]],
@@ -109,7 +114,7 @@ def run(
         if backends is None:
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
             stack.callback(_close_all, backends)
-        result = Executor(plan, backends, _prompts(checkpoint, prompts)).run(examples)
+        result = Executor(plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint)).run(examples)
     return [result.outputs(i) for i in range(len(examples))]
 
 
@@ -145,7 +150,7 @@ def evaluate(
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
             stack.callback(_close_all, backends)
         before = {name: b.usage.copy() for name, b in backends.items()}
-        executor = Executor(plan, backends, _prompts(checkpoint, prompts))
+        executor = Executor(plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint))
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             result = executor.run(batch)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dlngraph.compiler.plan import ExecutionPlan, PlanNode, Stage
@@ -44,12 +45,14 @@ class Executor:
         prompts: Mapping[str, str] | None = None,
         *,
         layers: Mapping[str, Any] | None = None,
+        run_dir: Path | None = None,
         seed: int = 0,
     ) -> None:
         self.plan = plan
         self.backends = backends
         self.prompts = dict(prompts or {})
         self.layers = dict(layers or {})  # prepared layer objects (e.g. a learned Deep-Thinking state)
+        self.run_dir = run_dir  # where Deep-Thinking states are saved and found
         self.seed = seed
         unknown = sorted(set(self.prompts) - set(plan.nodes))
         if unknown:
@@ -140,7 +143,8 @@ class Executor:
                 raise RuntimeFailure(
                     "deep_thinking nodes are not available in this build", node=node.name
                 ) from exc
-            layer = self.layers[node.name] = DeepThinkingLayer(node, spec, backend)
+            layer = DeepThinkingLayer.from_plan(self.plan, node.name, backend, run_dir=self.run_dir)
+            self.layers[node.name] = layer
         return layer.forward(rows)
 
 
