@@ -1,8 +1,10 @@
 """The ExecutionPlan: what the runtime executes and what `compile` prints.
 
 Forward stages are topological generations (every node of a stage is one
-batched call over all examples). The backward schedule walks the generations
-in reverse; each step lists its batched calls grouped by backend. Estimates of
+batched call over all examples; the calls listed in a forward stage are sized
+for one training batch of `train.batch_size` examples, those in `evaluation`
+for one dev evaluation). The backward schedule walks the generations in
+reverse; each step lists its batched calls grouped by backend. Estimates of
 calls and tokens are part of the plan so `fit` can show the cost up front.
 Everything here is immutable and serializes to stable, sorted JSON.
 """

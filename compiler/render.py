@@ -28,7 +28,8 @@ def text(plan: ExecutionPlan) -> str:
     if plan.think:
         out += ["", "think (once, before the forward):"]
         out += _stages(plan.think, with_nodes=False)
-    out += ["", f"forward ({len(plan.forward)} stages; one batched call per node, sized for a batch of {train.batch_size}):"]
+    stages = f"{len(plan.forward)} stage{'s' if len(plan.forward) != 1 else ''}"
+    out += ["", f"forward ({stages}; one batched call per node, sized for a batch of {train.batch_size}):"]
     out += [f"  stage {s.index}: {', '.join(s.nodes)}" for s in plan.forward]
     out += ["", f"backward per iteration (B={train.batch_size}, K={train.posterior_samples}, N={train.prompt_proposals}):"]
     out += _stages(plan.backward, with_nodes=True) or ["  (nothing to train)"]
