@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dlngraph.cli.run import CACHE, CHECKPOINT, NO_CACHE
+
 
 def register(app: typer.Typer) -> None:
     @app.command(
@@ -21,11 +23,11 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         spec: Path = typer.Argument(..., help="Path to the spec YAML."),
         split: str = typer.Option("dev", "--split", help="train, dev or test."),
-        checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Learned prompts (YAML from `fit`)."),
+        checkpoint: Path | None = CHECKPOINT,
         limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
         out: Path | None = typer.Option(None, "--out", help="Write predictions here as JSONL."),
-        cache: Path | None = typer.Option(None, "--cache", help="Response cache directory."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Call the model for every request."),
+        cache: Path | None = CACHE,
+        no_cache: bool = NO_CACHE,
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per batched call."),
     ) -> None:
         """Evaluate SPEC on a split: print the metric, optionally write predictions."""

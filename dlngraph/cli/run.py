@@ -8,6 +8,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+# Options `run` and `eval` share.
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Learned prompts (YAML from `fit`).")
+CACHE = typer.Option(None, "--cache", help="Response cache directory.")
+NO_CACHE = typer.Option(False, "--no-cache", help="Call the model for every request.")
+
 
 def register(app: typer.Typer) -> None:
     @app.command(
@@ -22,9 +27,9 @@ def register(app: typer.Typer) -> None:
         spec: Path = typer.Argument(..., help="Path to the spec YAML."),
         inputs: list[str] = typer.Option([], "--input", help="One example as a JSON object (repeatable)."),
         input_file: Path | None = typer.Option(None, "--input-file", help="Examples as JSONL, one per line."),
-        checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Learned prompts (YAML from `fit`)."),
-        cache: Path | None = typer.Option(None, "--cache", help="Response cache directory."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Call the model for every request."),
+        checkpoint: Path | None = CHECKPOINT,
+        cache: Path | None = CACHE,
+        no_cache: bool = NO_CACHE,
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per example."),
     ) -> None:
         """Run SPEC on examples given inline or in a file; print every node's output."""
