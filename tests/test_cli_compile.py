@@ -52,6 +52,12 @@ def test_compile_formats_and_output_file(tmp_path: Path, capsys: pytest.CaptureF
     assert json.loads(target.read_text()) == plan
 
 
+def test_unwritable_output_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _cli(capsys, "compile", str(SPECS[0]), "-o", str(tmp_path / "missing-dir" / "plan.txt"))
+    assert code == 1 and out == ""
+    assert err.startswith("error: cannot write") and "Traceback" not in err
+
+
 def test_load_plan_reads_a_saved_plan_and_refuses_a_stale_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from dlngraph import DlngraphError, load_plan
 

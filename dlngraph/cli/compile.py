@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dlngraph.errors import SpecError
+from dlngraph.errors import DlngraphError, SpecError
 
 EPILOG = """Examples:
 
@@ -58,7 +58,10 @@ def register(app: typer.Typer) -> None:
         if output is None:
             typer.echo(rendered, nl=False)
         else:
-            output.write_text(rendered, encoding="utf-8")
+            try:
+                output.write_text(rendered, encoding="utf-8")
+            except OSError as exc:
+                raise DlngraphError(f"error: cannot write {output}: {exc.strerror}") from None
 
 
 class _Reported(SpecError):
