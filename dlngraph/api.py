@@ -20,10 +20,18 @@ from dlngraph.compiler.plan import ExecutionPlan
 
 
 def compile_spec(path: str | Path, *, capability_resolver: CapabilityResolver | None = None) -> ExecutionPlan:
-    """Check the spec at `path` and build its plan; raises `SpecError` on any mistake."""
-    unit = compile_unit(path, capability_resolver=capability_resolver)
+    """Check the spec at `path` and build its plan; raises `SpecError` on any mistake.
+    Without a resolver, litellm endpoints the spec points at are probed (cached)."""
+    unit = compile_unit(path, capability_resolver=capability_resolver or probing_resolver())
     assert unit.plan is not None
     return unit.plan
+
+
+def probing_resolver() -> CapabilityResolver:
+    # The runtime's prober, imported only when compiling (no litellm import here).
+    from dlngraph.runtime.backends.probe import capability_resolver
+
+    return capability_resolver
 
 
 def load_plan(path: str | Path, *, capability_resolver: CapabilityResolver | None = None) -> ExecutionPlan:

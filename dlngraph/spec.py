@@ -61,10 +61,23 @@ class LiteLLMBackendSpec(_Model):
     timeout: float = Field(60.0, gt=0)
     max_retries: int = Field(4, ge=0)
     max_errors: int = Field(20, ge=1, description="failed calls tolerated before the run stops")
+    backoff: float = Field(
+        0.5, gt=0, description="seconds before the first retry; doubles per attempt, with jitter"
+    )
+    cooldown: float = Field(
+        10.0, gt=0, description="seconds a failing deployment sits out before the Router tries it again"
+    )
+    top_logprobs: int = Field(
+        20, ge=1, le=100, description="next-token alternatives asked for when scoring single-token choices"
+    )
     capabilities: list[str] | None = Field(
         None, description="declare capabilities instead of probing the endpoint"
     )
-    tokenizer: str | None = Field(None, description="local tokenizer directory for choice scoring")
+    tokenizer: str | None = Field(
+        None,
+        description="'embedded' or a local tokenizer directory: lets choice scoring refuse "
+        "multi-token choices up front on endpoints that can only score single tokens",
+    )
 
 
 class PluginBackendSpec(BaseModel):
