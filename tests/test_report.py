@@ -143,6 +143,17 @@ def test_report_of_fabricated_run_has_every_section(tmp_path: Path) -> None:
     assert ">33<" in html and ">6,000<" in html
 
 
+def test_flips_show_every_field_of_multi_output_predictions(tmp_path: Path) -> None:
+    run = fabricate_run(tmp_path)
+    for which, prediction in (("initial", "no"), ("best", "yes")):
+        row = {"index": 0, "input": {"a": "x<1", "b": "y"}, "target": {"answer": "yes", "why": "because"},
+               "prediction": {"answer": prediction, "why": "because"}, "correct": prediction == "yes"}
+        _write_jsonl(run / "predictions" / f"dev-{which}.jsonl", [row])
+    html = render_page(load_run(run))
+    assert "1 of 1 dev examples changed" in html
+    assert "a: x&lt;1\nb: y" in html and "answer: no\nwhy: because" in html and "answer: yes\nwhy: because" in html
+
+
 def test_report_escapes_run_text_and_fetches_nothing(tmp_path: Path) -> None:
     html = render_page(load_run(fabricate_run(tmp_path)))
     assert "<script" not in html.lower()

@@ -53,13 +53,18 @@ del { background: #fee2e2; color: #991b1b; } ins { background: #dcfce7; color: #
 .cand .bar { height: 8px; background: #93c5fd; border-radius: 4px; }
 .cand.chosen .text { font-weight: 600; } .cand .text { white-space: pre-wrap; }
 .example { border: 1px solid var(--line); border-radius: 8px; padding: 8px 12px; margin: 8px 0; }
-pre.input { white-space: pre-wrap; margin: 2px 0 6px; color: #374151; }
+pre.input { white-space: pre-wrap; margin: 2px 0 6px; color: #374151; } td.value { white-space: pre-wrap; }
 details pre { background: #f9fafb; padding: 10px; border-radius: 6px; overflow-x: auto; }
 """
 
 
 def _text(value: Any) -> str:
-    return "–" if value is None else escape(str(value))
+    """Escaped text; a {field: value} mapping (several inputs or outputs) as one line per field."""
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return "\n".join(f"{escape(str(k))}: {escape(str(v))}" for k, v in sorted(value.items()))
+    return escape(str(value))
 
 
 def _pct(value: float | None) -> str:
@@ -175,7 +180,7 @@ def _posterior_example(record: dict[str, Any]) -> str:
         )
     return (
         f'<div class="example"><span class="muted">example {_text(record.get("example"))}</span>'
-        f'<pre class="input">{escape(str(record.get("input", "")))}</pre>{"".join(rows)}</div>'
+        f'<pre class="input">{_text(record.get("input"))}</pre>{"".join(rows)}</div>'
     )
 
 
@@ -211,9 +216,9 @@ def _section_flips(run: RunDir) -> str:
         fixed += status == "fixed"
         broken += status == "broken"
         rows.append(
-            f'<tr class="{status}"><td class="num">{index}</td><td><pre class="input">'
-            f'{escape(str(new.get("input", "")))}</pre></td><td>{escape(str(new.get("target", "")))}</td>'
-            f'<td>{escape(str(old.get("prediction", "")))}</td><td>{escape(str(new.get("prediction", "")))}</td>'
+            f'<tr class="{status}"><td class="num">{index}</td><td><pre class="input">{_text(new.get("input"))}'
+            f'</pre></td><td class="value">{_text(new.get("target"))}</td>'
+            f'<td class="value">{_text(old.get("prediction"))}</td><td class="value">{_text(new.get("prediction"))}</td>'
             f'<td><span class="badge {status}">{status}</span></td></tr>'
         )
     head = (
