@@ -131,12 +131,18 @@ def _diagnostic(source: Source, error: dict, path: PathKey, raw: tuple) -> Diagn
             hint=_did_you_mean(str(path[-1]), fields, "valid keys here are"),
         )
     message = error["msg"].removeprefix("Value error, ")
-    code = "E103" if kind in _TYPE_ERRORS else "E104"
-    got = f", got {_short(error['input'])}" if code == "E103" else ""
-    hint = {
-        "E103": "quote strings that look like numbers or booleans; `dlngraph schema` shows each key's type",
-    }.get(code, "see `dlngraph schema` for the allowed values")
-    return source.diagnostic(code, f"{where}: {message}{got}", source.value_span(path), node=node, hint=hint)
+    if kind in _TYPE_ERRORS:
+        return source.diagnostic(
+            "E103",
+            f"{where}: {message}, got {_short(error['input'])}",
+            source.value_span(path),
+            node=node,
+            hint="quote strings that look like numbers or booleans; `dlngraph schema` shows each key's type",
+        )
+    return source.diagnostic(
+        "E104", f"{where}: {message}", source.value_span(path), node=node,
+        hint="see `dlngraph schema` for the allowed values",
+    )  # fmt: skip
 
 
 def _did_you_mean(word: str, candidates: list[str], listing: str) -> str:
