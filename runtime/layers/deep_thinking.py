@@ -1,0 +1,429 @@
+"""Deep-Thinking nodes: iterative forward tuning of attention K/V (arXiv 2305.13016).
+
+The layer owns both halves, as the authors' code does them:
+
+- `think`: let x be the rendered demonstrations (L tokens). Pass 1 is a plain
+  forward of x; its key/value cache is the state (fp32) -- this alone is
+  ordinary in-context learning. Each later pass feeds x again with the state
+  as `past_key_values` (mask all ones over 2L, positions L..2L-1, so RoPE
+  models see the demonstrations shifted, as in the authors' code), takes the
+  last L positions of the returned cache as (K_new, V_new) and moves the state
+  with momentum: g = new - state; m = g on the first update, else
+  g + beta * m; state += eta * m. beta = 0 is the paper's gate form
+  K_t = eta * K_new + (1 - eta) * K_{t-1}.
+- `forward`: each query is answered from the state alone, as a prefix cache
+  (a fresh cache per call, expanded to the batch, mask [ones(L) | query mask],
+  query positions from L): the answer is the choice whose tokens have the
+  largest summed log-prob; `choice_logprobs` are normalized over the choices.
+- `select_steps`: T is chosen on dev data (never test) in ONE thinking run,
+  evaluating the state after each pass 1..max_steps; the best accuracy wins
+  (ties: higher mean log-prob of the target, then smaller T).
+
+API for the trainer (`dlngraph fit`) and for `eval` / `run`:
+
+    layer = DeepThinkingLayer.from_plan(plan, "answer", backend, run_dir=run_dir)
+    state = layer.prepare()                      # demos and dev rows from the plan's data
+    state = layer.prepare(demos, dev_rows, dev_targets, run_dir)   # or given explicitly
+    record = layer.forward(rows)                 # a ForwardRecord, like choice layers
+
+`prepare` renders the demonstrations, loads `run_dir/deep_thinking/<node>.safetensors`
+when it was made from the same demonstrations, model and eta/beta (and refuses
+with a RuntimeFailure when it was not), otherwise thinks (selecting T on dev
+unless the spec fixes `steps`) and saves the state there. Dev rows must carry
+the node's template variables; when the node reads upstream nodes, the caller
+passes dev rows holding their outputs (the executor's `rows_for`). `forward`
+prepares on first use, so `Executor(plan, backends, layers={name: layer})` with
+a layer from `from_plan` works for `eval` / `run`; a layer built with only
+(node, spec, backend) can think on the fly only from an explicit
+`demonstrations.examples` list. The backend must expose `.model`, `.tokenizer`,
+`.token_ids`, `.identity` and `.spec.batch_size` (the torch backend does);
+templates are read as plain text (no chat wrapping).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from dlngraph.compiler.plan import ExecutionPlan, PlanNode
+from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.data import read_jsonl
+from dlngraph.runtime.kv_state import KVState, StateMeta, load_state
+from dlngraph.runtime.layers.base import ForwardRecord, Row
+from dlngraph.runtime.template import render, score_request
+from dlngraph.spec import DeepThinkingNode
+
+log = logging.getLogger(__name__)
+
+DEMO_SEPARATOR = "\n\n"  # between demonstrations, and between them and the query
+
+
+def state_path(run_dir: Path, node: str) -> Path:
+    return Path(run_dir) / "deep_thinking" / f"{node}.safetensors"
+
+
+@dataclass(frozen=True)
+class StepScore:
+    """Dev evaluation of the state after `steps` thinking passes."""
+
+    steps: int
+    accuracy: float
+    mean_target_logprob: float
+
+
+class DeepThinkingLayer:
+    def __init__(
+        self,
+        node: PlanNode,
+        spec: DeepThinkingNode,
+        backend: Any,
+        *,
+        data_paths: Mapping[str, Path] | None = None,
+        run_dir: Path | None = None,
+        dev_size: int | None = None,
+    ) -> None:
+        self.node = node
+        self.name = node.name
+        self.spec = spec
+        self.backend = backend
+        self.data_paths = dict(data_paths or {})
+        self.run_dir = run_dir
+        self.dev_size = dev_size
+        self.state: KVState | None = None
+        self.curve: list[StepScore] = []  # dev accuracy per T, when T was selected
+
+    @classmethod
+    def from_plan(
+        cls, plan: ExecutionPlan, name: str, backend: Any, run_dir: Path | None = None
+    ) -> "DeepThinkingLayer":
+        return cls(
+            plan.nodes[name],
+            plan.spec.nodes[name],  # type: ignore[arg-type]
+            backend,
+            data_paths=plan.data_paths,
+            run_dir=run_dir,
+            dev_size=plan.spec.train.dev_size,
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def demonstrations(self) -> list[Row]:
+        """The spec's explicit examples, or `count` rows of its split drawn with `seed`."""
+        demos = self.spec.demonstrations
+        if demos.examples is not None:
+            return [dict(e) for e in demos.examples]
+        path = self.data_paths.get(demos.split)
+        if path is None:
+            raise RuntimeFailure(
+                f"the demonstrations come from the '{demos.split}' split, which is not available here",
+                node=self.name,
+                hint="build the layer with DeepThinkingLayer.from_plan, or list `demonstrations.examples`",
+            )
+        rows = read_jsonl(Path(path), [self.spec.label_field])
+        if len(rows) < demos.count:
+            raise RuntimeFailure(
+                f"the '{demos.split}' split has {len(rows)} examples, fewer than the {demos.count} "
+                "demonstrations asked for",
+                node=self.name,
+            )
+        return [rows[i] for i in random.Random(demos.seed).sample(range(len(rows)), demos.count)]
+
+    def demo_text(self, demos: Sequence[Mapping[str, str]]) -> str:
+        """x: every demonstration rendered, each followed by the separator."""
+        label = self.spec.label_field
+        parts = []
+        for index, demo in enumerate(demos):
+            if label not in demo:
+                raise RuntimeFailure(f"demonstration {index} has no field {label!r}", node=self.name)
+            parts.append(render(self.spec.demo_template, "", {**demo, "label": demo[label]}, node=self.name))
+        return "".join(p + DEMO_SEPARATOR for p in parts)
+
+    def dev_data(self) -> tuple[list[Row], list[str]]:
+        if self.node.parents:
+            raise RuntimeFailure(
+                "selecting T on dev needs the outputs of the upstream node(s) "
+                f"{', '.join(self.node.parents)}",
+                node=self.name,
+                hint="pass dev rows to prepare() (dlngraph fit does), or fix `steps` in the spec",
+            )
+        path = self.data_paths.get("dev")
+        if path is None:
+            raise RuntimeFailure(
+                "selecting T on dev needs a dev split",
+                node=self.name,
+                hint="add `data.dev` to the spec, or fix `steps`",
+            )
+        target = self.node.target or self.spec.label_field
+        examples = read_jsonl(Path(path), [*self.node.inputs, target], limit=self.dev_size)
+        return [{f: e[f] for f in self.node.inputs} for e in examples], [e[target] for e in examples]
+
+    # ------------------------------------------------------------------ think
+
+    def meta(self, text: str, length: int, steps: int) -> StateMeta:
+        return StateMeta(
+            node=self.name,
+            model=str(self.backend.identity),
+            tokenizer=Path(str(self.backend.tokenizer.name_or_path)).name,
+            eta=self.spec.eta,
+            beta=self.spec.beta,
+            steps=steps,
+            length=length,
+            dtype="float32",
+            demos_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        )
+
+    def think_steps(self, text: str) -> Iterator[KVState]:
+        """The state after pass 1, 2, 3, ... (one object, updated in place between yields)."""
+        model = self.backend.model
+        ids = torch.tensor([self.backend.token_ids(text)], dtype=torch.long, device=model.device)
+        length = ids.shape[1]
+        if length == 0:
+            raise RuntimeFailure("the rendered demonstrations are empty", node=self.name)
+        _check_context(model, 2 * length, self.name)
+        with torch.no_grad():
+            cache = _base_forward(model, ids, torch.ones_like(ids), torch.arange(length)[None], DynamicCache())
+        state = KVState(
+            [layer.keys.float() for layer in cache.layers],
+            [layer.values.float() for layer in cache.layers],
+            self.meta(text, length, steps=1),
+        )
+        yield state
+        mask = torch.ones(1, 2 * length, dtype=torch.long, device=model.device)
+        positions = length + torch.arange(length)[None]
+        momentum: list[torch.Tensor] | None = None
+        while True:
+            with torch.no_grad():
+                past = state.cache(dtype=model.dtype, device=model.device)
+                cache = _base_forward(model, ids, mask, positions, past)
+                new = [layer.keys[:, :, length:].float() for layer in cache.layers]
+                new += [layer.values[:, :, length:].float() for layer in cache.layers]
+                current = state.keys + state.values
+                grads = [n - s for n, s in zip(new, current)]
+                if momentum is None:
+                    momentum = grads
+                else:
+                    momentum = [g + self.spec.beta * m for g, m in zip(grads, momentum)]
+                for s, m in zip(current, momentum):
+                    s.add_(m, alpha=self.spec.eta)
+            state.meta = replace(state.meta, steps=state.meta.steps + 1)
+            yield state
+
+    def think(self, text: str, steps: int) -> KVState:
+        """The state after exactly `steps` passes over `text`."""
+        for state in self.think_steps(text):
+            if state.meta.steps == steps:
+                return state
+        raise AssertionError("think_steps ended")  # it is infinite
+
+    def select_steps(
+        self, text: str, dev_rows: Sequence[Row], dev_targets: Sequence[str], max_steps: int | None = None
+    ) -> KVState:
+        """The state after the T in 1..max_steps that scores best on dev (one thinking run)."""
+        if not dev_rows:
+            raise RuntimeFailure("selecting T on dev needs at least one dev example", node=self.name)
+        unknown = sorted(set(dev_targets) - set(self.spec.choices))
+        if unknown:
+            raise RuntimeFailure(
+                f"dev target(s) {', '.join(map(repr, unknown))} are not among the choices {self.spec.choices}",
+                node=self.name,
+            )
+        max_steps = max_steps or self.spec.max_steps
+        best: tuple[tuple[float, float], KVState] | None = None
+        self.curve = []
+        for state in self.think_steps(text):
+            scored = self.choice_logprobs(state, dev_rows)
+            hits = [max(lp, key=lp.__getitem__) == t for lp, t in zip(scored, dev_targets)]
+            point = StepScore(
+                state.meta.steps,
+                sum(hits) / len(hits),
+                sum(lp[t] for lp, t in zip(scored, dev_targets)) / len(hits),
+            )
+            self.curve.append(point)
+            log.info("%s: T=%d dev accuracy %.3f", self.name, point.steps, point.accuracy)
+            key = (point.accuracy, point.mean_target_logprob)
+            if best is None or key > best[0]:
+                best = (key, state.clone())
+            if state.meta.steps >= max_steps:
+                break
+        assert best is not None
+        return best[1]
+
+    def prepare(
+        self,
+        demos: Sequence[Mapping[str, str]] | None = None,
+        dev_rows: Sequence[Row] | None = None,
+        dev_targets: Sequence[str] | None = None,
+        run_dir: Path | None = None,
+    ) -> KVState:
+        """Load or learn the state (see the module docstring); keeps it on the layer."""
+        run_dir = run_dir or self.run_dir
+        text = self.demo_text(self.demonstrations() if demos is None else demos)
+        fixed = self.spec.steps or (None if self.spec.select_steps_on == "dev" else self.spec.max_steps)
+        path = state_path(run_dir, self.name) if run_dir is not None else None
+        if path is not None and path.is_file():
+            length = len(self.backend.token_ids(text))
+            self.state = load_state(path, self.meta(text, length, fixed or 0), compare_steps=fixed is not None)
+            log.info("%s: loaded Deep-Thinking state %s (T=%d)", self.name, path, self.state.meta.steps)
+            return self.state
+        started = time.perf_counter()
+        if fixed is not None:
+            state = self.think(text, fixed)
+        else:
+            if dev_rows is None or dev_targets is None:
+                dev_rows, dev_targets = self.dev_data()
+            state = self.select_steps(text, dev_rows, dev_targets)
+        seconds = time.perf_counter() - started
+        log.info("%s: thought T=%d over %d tokens in %.1f s", self.name, state.meta.steps, state.length, seconds)
+        if path is not None:
+            state.save(path)
+        self.state = state
+        return state
+
+    # ------------------------------------------------------------------ forward
+
+    def queries(self, rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+        """(rendered query, continuation of every choice) per row, by the choice layers' rule."""
+        texts = [render(self.spec.template, "", row, node=self.name) for row in rows]
+        continuations = [
+            [score_request(self.spec.template, "", row, c, node=self.name).continuation for c in self.spec.choices]
+            for row in rows
+        ]
+        return texts, continuations
+
+    def choice_logprobs(self, state: KVState | None, rows: Sequence[Row]) -> list[dict[str, float]]:
+        """Class-normalized log-prob of every choice per row, answering from `state` (None: zero-shot)."""
+        texts, continuations = self.queries(rows)
+        tok = self.backend.token_ids
+        totals = score_choices(
+            self.backend.model,
+            state,
+            [list(tok(t)) for t in texts],
+            [[list(tok(c)) for c in row] for row in continuations],
+            batch_size=self.backend.spec.batch_size,
+        )
+        out = []
+        for row_totals in totals:
+            norm = torch.logsumexp(torch.tensor(row_totals, dtype=torch.float64), 0).item()
+            out.append({c: t - norm for c, t in zip(self.spec.choices, row_totals)})
+        return out
+
+    def forward(self, rows: list[Row]) -> ForwardRecord:
+        started = time.perf_counter()
+        state = self.state or self.prepare()
+        scored = self.choice_logprobs(state, rows)
+        # max() keeps the first of tied choices, so ties break by the spec's order.
+        outputs = [max(self.spec.choices, key=lp.__getitem__) for lp in scored]
+        return ForwardRecord(
+            node=self.name,
+            prompt="",
+            rendered=self.queries(rows)[0],
+            outputs=outputs,
+            choice_logprobs=scored,
+            seconds=time.perf_counter() - started,
+            extra={"steps": state.meta.steps, "demo_tokens": state.length},
+        )
+
+
+# ---------------------------------------------------------------------- model calls
+
+
+def _base_forward(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+) -> DynamicCache:
+    out = model.base_model(
+        input_ids=ids,
+        attention_mask=mask.to(model.device),
+        position_ids=positions.to(model.device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.past_key_values
+
+
+def _check_context(model: Any, length: int, node: str) -> None:
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    if length > limit:
+        raise RuntimeFailure(
+            f"thinking needs {length} positions, more than the model's context of {limit}",
+            node=node,
+            hint="use fewer or shorter demonstrations",
+        )
+
+
+def prefix_hidden(
+    model: Any, state: KVState | None, rows: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of right-padded `rows` read after the state (no prefix if None).
+
+    Returns (hidden [n, width, d], mask [n, width]). The cache is built fresh,
+    expanded to the batch; positions continue after the state's L tokens.
+    """
+    prefix = state.length if state is not None else 0
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    cache = DynamicCache() if state is None else state.cache(len(rows), dtype=model.dtype, device=model.device)
+    full_mask = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long), mask], dim=1)
+    positions = prefix + torch.arange(width).expand(len(rows), -1)
+    out = model.base_model(
+        input_ids=ids.to(model.device),
+        attention_mask=full_mask.to(model.device),
+        position_ids=positions.to(model.device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.last_hidden_state, mask
+
+
+def score_choices(
+    model: Any,
+    state: KVState | None,
+    queries: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    *,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Summed log-prob of each query's choices (`choices[q][c]`: token ids), read after `state`.
+
+    One row per (query, distinct choice prefix): choices of one token all share
+    the query's own row, so a two-way label costs one row per query.
+    """
+    rows: list[list[int]] = []
+    row_of: dict[tuple[int, tuple[int, ...]], int] = {}
+    # (row, position, token) of every choice token, per query and choice
+    wanted: list[list[list[tuple[int, int, int]]]] = []
+    for q, query in enumerate(queries):
+        if not query:
+            raise ValueError(f"query {q} has no tokens")
+        wanted.append([])
+        for choice in choices[q]:
+            key = (q, tuple(choice[:-1]))
+            if key not in row_of:
+                row_of[key] = len(rows)
+                rows.append([*query, *choice[:-1]])
+            wanted[q].append([(row_of[key], len(query) - 1 + j, tok) for j, tok in enumerate(choice)])
+    logprob: dict[tuple[int, int, int], float] = {}
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            hidden, _ = prefix_hidden(model, state, rows[start : start + batch_size])
+            in_chunk = range(start, start + batch_size)
+            points = sorted({p for per_q in wanted for ps in per_q for p in ps if p[0] in in_chunk})
+            picked = hidden[[r - start for r, _, _ in points], [pos for _, pos, _ in points]]
+            lp = torch.log_softmax(head(picked).float(), dim=-1)
+            for i, point in enumerate(points):
+                logprob[point] = float(lp[i, point[2]])
+    return [[math.fsum(logprob[p] for p in ps) for ps in per_q] for per_q in wanted]
