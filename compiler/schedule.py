@@ -100,7 +100,8 @@ class _Sizes:
     data: dict[str, NodeData]
     profiles: dict[str, FieldProfile]
     capabilities: dict[str, frozenset[Capability]]
-    _prompts: dict[str, int] = field(default_factory=dict)  # node -> prompt tokens, computed once
+    _prompts: dict[str, int] = field(default_factory=dict)  # node -> tokens, computed once
+    _outputs: dict[str, int] = field(default_factory=dict)
 
     def field(self, name: str, split: str = "train") -> int:
         profile = self.profiles.get(split) or next(iter(self.profiles.values()), None)
@@ -110,9 +111,14 @@ class _Sizes:
 
     def output(self, d: NodeData) -> int:
         """Tokens of one output: generated text (max_tokens) or the mean choice."""
-        if d.output_type == "text":
-            return d.spec.output.max_tokens
-        return math.ceil(sum(tokens(len(c)) for c in d.choices) / len(d.choices))
+        known = self._outputs.get(d.name)
+        if known is None:
+            if d.output_type == "text":
+                known = d.spec.output.max_tokens
+            else:
+                known = math.ceil(sum(tokens(len(c)) for c in d.choices) / len(d.choices))
+            self._outputs[d.name] = known
+        return known
 
     def prompt(self, d: NodeData) -> int:
         """Tokens of one rendered request of the node (query template for deep_thinking)."""
