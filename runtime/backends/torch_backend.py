@@ -199,7 +199,9 @@ class TorchBackend(BackendBase):
         with torch.inference_mode():
             for prefix, examples in by_prefix.items():
                 prefix_cache = self._prefix_cache(prefix)
-                for chunk in chunks(list(examples.items()), self.spec.batch_size):
+                # Similar lengths batch together, so little of a batch is padding.
+                ordered = sorted(examples.items(), key=lambda item: len(item[0]))
+                for chunk in chunks(ordered, self.spec.batch_size):
                     self._score_examples(prefix, prefix_cache, chunk, encoded, results)
         self.usage.calls += 1
         self.usage.requests += len(requests)
@@ -236,27 +238,27 @@ class TorchBackend(BackendBase):
         positions = n_prefix + torch.arange(ids.shape[1]).expand(batch, -1)
         hidden, cache = self._hidden(ids, full_mask, positions, cache)
         last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
-        first = self._logprobs(hidden[torch.arange(batch, device=hidden.device), last])
+        first = self._logprobs(hidden[torch.arange(batch, device=hidden.device), last]).cpu()
 
-        # One row per request: (example index, request index)
+        # One row per request: (example index, request index). Rows go in chunks:
+        # each carries a copy of its example's cache.
         rows = [(b, i) for b, (_, idxs) in enumerate(examples) for i in idxs]
-        tails = [encoded[i].continuation[:-1] for _, i in rows]
-        later = None
-        if any(tails):
-            row_of = torch.tensor([b for b, _ in rows], device=self.device)
-            tail_ids, tail_mask = self._pad(tails)
-            tail_full_mask = torch.cat([full_mask[row_of.cpu()], tail_mask], dim=1)
-            starts = torch.tensor([n_prefix + len(prompts[b]) for b, _ in rows])
-            tail_pos = starts[:, None] + torch.arange(tail_ids.shape[1])[None]
-            tail_hidden, _ = self._hidden(tail_ids, tail_full_mask, tail_pos, select_cache(cache, row_of))
-            later = self._logprobs(tail_hidden)
-        for r, (b, i) in enumerate(rows):
-            cont = encoded[i].continuation
-            values = []
-            if cont:
-                values.append(float(first[b, cont[0]]))
+        for part in chunks(rows, self.spec.batch_size):
+            tails = [encoded[i].continuation[:-1] for _, i in part]
+            later = None
+            if any(tails):
+                row_of = torch.tensor([b for b, _ in part])
+                tail_ids, tail_mask = self._pad(tails)
+                tail_full_mask = torch.cat([full_mask[row_of], tail_mask], dim=1)
+                starts = torch.tensor([n_prefix + len(prompts[b]) for b, _ in part])
+                tail_pos = starts[:, None] + torch.arange(tail_ids.shape[1])[None]
+                tail_cache = select_cache(cache, row_of.to(self.device))
+                later = self._logprobs(self._hidden(tail_ids, tail_full_mask, tail_pos, tail_cache)[0]).cpu()
+            for r, (b, i) in enumerate(part):
+                cont = encoded[i].continuation
+                values = [float(first[b, cont[0]])] if cont else []
                 values.extend(float(later[r, j, tok]) for j, tok in enumerate(cont[1:]))  # type: ignore[index]
-            results[i] = Score(tuple(values), prompt_tokens=n_prefix + len(prompts[b]))
+                results[i] = Score(tuple(values), prompt_tokens=n_prefix + len(prompts[b]))
 
     # ------------------------------------------------------------------ generate
 
