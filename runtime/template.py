@@ -19,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import ScoreRequest
 
-_SENTINEL = "\x00dlngraph-var\x00"
+_SENTINEL = "\x00\x1f\x00"  # no letters: case filters leave it intact
 
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 

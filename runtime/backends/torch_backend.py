@@ -129,11 +129,12 @@ class TorchBackend(BackendBase):
         """The ids every scoring path uses: prefix, prompt, continuation apart."""
         prefix, prompt = request.prefix, request.prompt
         if self.spec.chat:
-            # The chat head joins the shared prefix, the tail joins the prompt.
+            # The chat head joins the shared prefix, the tail joins the prompt
+            # (a template that rewrites the message shares nothing).
             user = prefix + prompt
             wrapped = self._chat(user)
-            at = wrapped.index(user) if user else len(wrapped)
-            prefix, prompt = wrapped[:at] + prefix, wrapped[at + len(prefix) :]
+            at = wrapped.find(user) if user else -1
+            prefix, prompt = (wrapped[:at] + prefix, wrapped[at + len(prefix) :]) if at >= 0 else ("", wrapped)
         encoded = Encoded(self.token_ids(prefix), self.token_ids(prompt), self.token_ids(request.continuation))
         if not encoded.prefix and not encoded.prompt:
             # The first continuation token needs something to be predicted from.
