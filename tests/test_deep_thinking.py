@@ -226,3 +226,26 @@ def test_executor_runs_a_deep_thinking_node(torch_backend, build_plan) -> None:
     for lp in record.choice_logprobs or []:
         assert torch.logsumexp(torch.tensor(list(lp.values())), 0).item() == pytest.approx(0.0, abs=1e-6)
     assert record.extra["steps"] == 2
+
+
+def test_target_logprobs_read_the_prepared_state(torch_backend) -> None:
+    layer = make_layer(torch_backend)
+    record = layer.forward(QUERIES)
+    assert layer.target_logprobs(QUERIES, TARGETS) == [lp[t] for lp, t in zip(record.choice_logprobs, TARGETS)]
+    with pytest.raises(RuntimeFailure, match="'neutral' are not among the choices"):
+        layer.target_logprobs(QUERIES[:1], ["neutral"])
+
+
+def test_composed_spec_draws_demonstrations_from_the_plan_and_needs_upstream_dev_rows(torch_backend) -> None:
+    from dlngraph.compiler.pipeline import compile_unit
+    from dlngraph.runtime.data import read_jsonl
+
+    plan = compile_unit(Path(__file__).parents[1] / "specs/rewrite-then-think.yaml").plan
+    layer = DeepThinkingLayer.from_plan(plan, "answer", torch_backend)
+    assert layer.node.parents == ("rewrite",)
+    demos = layer.demonstrations()
+    train = read_jsonl(plan.data_paths["train"], ["input", "target"])
+    assert len(demos) == 8 and all(d in train for d in demos)
+    assert layer.demonstrations() == demos  # the seed fixes the draw
+    with pytest.raises(RuntimeFailure, match="outputs of the upstream node"):
+        layer.prepare()  # T is selected on dev, whose rows need the rewrite layer's outputs

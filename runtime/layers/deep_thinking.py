@@ -25,6 +25,7 @@ API for the trainer (`dlngraph fit`) and for `eval` / `run`:
     state = layer.prepare()                      # demos and dev rows from the plan's data
     state = layer.prepare(demos, dev_rows, dev_targets, run_dir)   # or given explicitly
     record = layer.forward(rows)                 # a ForwardRecord, like choice layers
+    lps = layer.target_logprobs(rows, targets)   # child rescoring for an upstream layer's backward
 
 `prepare` renders the demonstrations, loads `run_dir/deep_thinking/<node>.safetensors`
 when it was made from the same demonstrations, model and eta/beta (and refuses
@@ -231,12 +232,7 @@ class DeepThinkingLayer:
         """The state after the T in 1..max_steps that scores best on dev (one thinking run)."""
         if not dev_rows:
             raise RuntimeFailure("selecting T on dev needs at least one dev example", node=self.name)
-        unknown = sorted(set(dev_targets) - set(self.spec.choices))
-        if unknown:
-            raise RuntimeFailure(
-                f"dev target(s) {', '.join(map(repr, unknown))} are not among the choices {self.spec.choices}",
-                node=self.name,
-            )
+        self._check_targets(dev_targets)
         max_steps = max_steps or self.spec.max_steps
         best: tuple[tuple[float, float], KVState] | None = None
         self.curve = []
@@ -316,6 +312,22 @@ class DeepThinkingLayer:
             norm = torch.logsumexp(torch.tensor(row_totals, dtype=torch.float64), 0).item()
             out.append({c: t - norm for c, t in zip(self.spec.choices, row_totals)})
         return out
+
+    def target_logprobs(self, rows: Sequence[Row], targets: Sequence[str]) -> list[float]:
+        """Class-normalized log-prob of each row's target under the prepared state
+        (the trainer's child rescoring when an upstream layer feeds this node)."""
+        self._check_targets(targets)
+        state = self.state or self.prepare()
+        return [lp[t] for lp, t in zip(self.choice_logprobs(state, rows), targets)]
+
+    def _check_targets(self, targets: Sequence[str]) -> None:
+        unknown = sorted(set(targets) - set(self.spec.choices))
+        if unknown:
+            raise RuntimeFailure(
+                f"target(s) {', '.join(map(repr, unknown))} are not among the choices {self.spec.choices}",
+                node=self.name,
+                hint="the dataset's labels must be spelled exactly like the node's choices",
+            )
 
     def forward(self, rows: list[Row]) -> ForwardRecord:
         started = time.perf_counter()
