@@ -436,6 +436,6 @@ def score_choices(
             points = sorted({p for per_q in wanted for ps in per_q for p in ps if p[0] in in_chunk})
             picked = hidden[[r - start for r, _, _ in points], [pos for _, pos, _ in points]]
             lp = torch.log_softmax(head(picked).float(), dim=-1)
-            for i, point in enumerate(points):
-                logprob[point] = float(lp[i, point[2]])
+            tokens = torch.tensor([tok for _, _, tok in points], device=lp.device)
+            logprob.update(zip(points, lp[torch.arange(len(points), device=lp.device), tokens].tolist()))
     return [[math.fsum(logprob[p] for p in ps) for ps in per_q] for per_q in wanted]
