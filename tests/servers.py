@@ -118,12 +118,12 @@ class LlamaServer:
 
 
 @contextlib.contextmanager
-def llama_servers(log_dir: Path, count: int = 1) -> Iterator[list[LlamaServer]]:
+def llama_servers(log_dir: Path, count: int = 1, threads: int = 1) -> Iterator[list[LlamaServer]]:
     """`count` servers, all stopped on exit however the block ends."""
     servers: list[LlamaServer] = []
     try:
         for _ in range(count):
-            servers.append(LlamaServer(log_dir).start())
+            servers.append(LlamaServer(log_dir, threads=threads).start())
         yield servers
     finally:
         for server in servers:

@@ -261,7 +261,9 @@ def test_router_spreads_calls_and_routes_around_a_failing_deployment() -> None:
 
         two.always_fail = 500
         before = len(one.requests)
-        out = b.generate([GenerateRequest(f"r{i}") for i in range(8)])
+        out = b.generate([GenerateRequest(f"r{i}") for i in range(16)])
         assert all(g.texts for g in out)
-        assert len(one.requests) - before == 8  # every request ended up on the healthy server
-        assert b.errors <= 2  # the failing one was cooled down after its first failures
+        assert len(one.requests) - before == 16  # every request ended up on the healthy server
+        # Cooled down after its first failures (two may be in flight at once); without
+        # cooldown about half of the 16 would fail first.
+        assert b.errors <= 4

@@ -76,7 +76,12 @@ def run_async(coro: Awaitable[Any]) -> Any:
         if _LOOP is None:
             _LOOP = asyncio.new_event_loop()
             threading.Thread(target=_LOOP.run_forever, name="dlngraph-litellm", daemon=True).start()
-    return asyncio.run_coroutine_threadsafe(coro, _LOOP).result()  # type: ignore[arg-type]
+    future = asyncio.run_coroutine_threadsafe(coro, _LOOP)  # type: ignore[arg-type]
+    try:
+        return future.result()
+    except BaseException:  # e.g. Ctrl-C in the caller: stop the batch too
+        future.cancel()
+        raise
 
 
 # --------------------------------------------------------------------------- errors
@@ -302,6 +307,7 @@ class LiteLLMBackend(BackendBase):
                 "top_p": r.top_p,
                 "stop": list(r.stop) or None,
                 "seed": r.seed * 1_000_003 + k,
+                "drop_params": True,  # a provider without seed/top_p/stop still generates
             }
             for r in requests
             for k in range(r.n)

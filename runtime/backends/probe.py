@@ -43,8 +43,8 @@ from dlngraph.spec import LiteLLMBackendSpec
 
 log = logging.getLogger(__name__)
 
-# A prompt whose next token is nearly certain on any LM: " 8".
-KNOWN_PROMPT = "1, 2, 3, 4, 5, 6, 7,"
+# A prompt whose likely next token is one whole word (" Paris") on most tokenizers.
+KNOWN_PROMPT = "The capital of France is"
 # Echoed and next-token log-probs come from the same weights on the same server;
 # batching noise on a GPU server is ~1e-3, a shifted position is off by nats.
 TOLERANCE = 0.05
