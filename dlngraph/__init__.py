@@ -17,6 +17,8 @@ _LAZY = {
     "compile_spec": "dlngraph.api",
     "load_plan": "dlngraph.api",
     "evaluate": "dlngraph.runner",
+    "export": "dlngraph.fitting",
+    "fit": "dlngraph.fitting",
     "run": "dlngraph.runner",
 }
 
@@ -24,6 +26,7 @@ __all__ = ["DlngraphError", "RuntimeFailure", "Spec", "SpecError", "__version__"
 
 if TYPE_CHECKING:  # pragma: no cover
     from dlngraph.api import compile_spec, load_plan
+    from dlngraph.fitting import export, fit
     from dlngraph.runner import evaluate, run
 
 

@@ -17,7 +17,7 @@ import typer
 from dlngraph import __version__
 from dlngraph.errors import DlngraphError
 
-_COMMANDS = ("cache", "compile", "doctor", "eval", "explain", "init", "report", "run", "schema")
+_COMMANDS = ("cache", "compile", "doctor", "eval", "explain", "export", "fit", "init", "report", "run", "schema")
 
 app = typer.Typer(
     name="dlngraph",

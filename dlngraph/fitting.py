@@ -1,0 +1,110 @@
+"""Training a network's prompts: the API layer over the runtime's trainer.
+
+`fit(spec_path)` compiles the spec, opens its backends (behind the response
+cache unless told otherwise), writes a run directory and trains; `fit(...,
+resume=RUN_DIR)` continues a stopped run from its last checkpoint. `export`
+writes the spec with learned prompts filled in. The spec object is never
+mutated: learned prompts live in the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlngraph.compiler.plan import ExecutionPlan, Estimate
+from dlngraph.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+
+def projected(plan: ExecutionPlan, iterations: int | None = None) -> Estimate:
+    """The plan's estimate for the whole fit, for `iterations` instead of the spec's if given
+    (the same sum the compiler makes: iterations, dev evaluations, Deep-Thinking)."""
+    if iterations is None:
+        return plan.estimate_fit
+    evaluation = Estimate.of([c for s in plan.evaluation for c in s.calls])
+    think = Estimate.of([c for s in plan.think for c in s.calls])
+    evaluations = iterations // plan.spec.train.eval_every + 1 if plan.evaluation else 0
+    return plan.estimate_per_iteration.times(iterations) + evaluation.times(evaluations) + think
+
+
+def fit(
+    spec_path: str | Path,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    seed: int | None = None,
+    *,
+    iterations: int | None = None,
+    cache_dir: str | Path | None = None,
+    no_cache: bool = False,
+    plan: ExecutionPlan | None = None,
+    backends: Any = None,
+    events: Any = None,
+):  # -> FitResult
+    """Train the spec's prompts; returns a `FitResult` (run dir, last and best prompts)."""
+    from dlngraph.api import compile_spec
+    from dlngraph.runner import open_backends
+    from dlngraph.runtime.rundir import RunDir, default_path
+    from dlngraph.runtime.tracking import make_tracker, spec_params
+    from dlngraph.runtime.trainer import Fit
+
+    plan = plan or compile_spec(spec_path)
+    if resume is not None:
+        run = RunDir.open(Path(resume))
+        saved = run.saved_plan().get("spec_sha256")
+        if saved and plan.spec_sha256 and saved != plan.spec_sha256:
+            raise RuntimeFailure(
+                f"the spec {spec_path} has changed since run {resume} started",
+                hint="resume with the spec the run was started with (a copy is in the run directory as spec.yaml)",
+            )
+    else:
+        run = RunDir.create(Path(out) if out is not None else default_path(plan.name), plan)
+    tracker = make_tracker(plan.spec, run_name=run.path.name)
+    with ExitStack() as stack:
+        if backends is None:
+            backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
+            stack.callback(lambda: [b.close() for b in backends.values()])
+        trainer = Fit(plan, backends, run, seed=seed, iterations=iterations, events=events, tracker=tracker)
+        tracker.start({**spec_params(plan.spec), "seed": str(trainer.seed)})
+        status = "FAILED"
+        try:
+            result = trainer.run_fit(resume=resume is not None)
+            status = "FINISHED"
+            tracker.log_artifacts(run.path)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.end(status)
+    return result
+
+
+def export(spec_path: str | Path, checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the spec with the checkpoint's prompts in place of the nodes' `prompt:`.
+
+    The spec is re-read as plain YAML and only `nodes.<name>.prompt` values are
+    replaced, so everything else (data paths, comments aside) stays as written;
+    data paths are made absolute when the output lives elsewhere, so it compiles.
+    """
+    from dlngraph.runner import load_checkpoint
+
+    spec_path, out = Path(spec_path), Path(out)
+    prompts = load_checkpoint(checkpoint)
+    data = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    nodes = data.get("nodes") or {}
+    unknown = sorted(set(prompts) - set(nodes))
+    if unknown:
+        raise RuntimeFailure(f"checkpoint {checkpoint} has prompts for unknown node(s) {', '.join(unknown)}")
+    for name, prompt in sorted(prompts.items()):
+        nodes[name]["prompt"] = prompt
+    if out.resolve().parent != spec_path.resolve().parent:
+        for split, path in (data.get("data") or {}).items():
+            data["data"][split] = str((spec_path.resolve().parent / path).resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8")
+    return out
