@@ -58,6 +58,7 @@ from dlngraph.runtime.tracking import Tracker
 log = logging.getLogger(__name__)
 
 LAYERS: dict[str, ModuleType] = {"choice": choice, "text": text}
+THINK_OP = "think:"
 POSTERIOR_EXAMPLES_LOGGED = 3
 
 
@@ -135,6 +136,8 @@ class Trainer:
     def step(self, prompts: Mapping[str, str], batch: list[Example], indices: list[int], iteration: int) -> StepResult:
         executor = self.executor(prompts)
         result = executor.run(batch)
+        # Hidden nodes that are not trained still need their (spec) prompt for re-scoring.
+        prompts = {n: executor.prompt_of(n) for n, node in self.plan.nodes.items() if node.kind == "layer"}
         state = _Pass(
             batch=batch,
             indices=indices,
@@ -143,7 +146,7 @@ class Trainer:
             targets={name: [ex[f] for ex in batch] for name, f in self.plan.spec.outputs.items()},
         )
         train_acc = _accuracy(self.plan, [result.outputs(i) for i in range(len(batch))], batch)
-        new_prompts = dict(prompts)
+        new_prompts = {n: prompts[n] for n in self.parameters()}
         loss: dict[str, float] = {}
         accepted: dict[str, bool] = {}
         for stage in self.plan.backward:
@@ -265,12 +268,13 @@ class Trainer:
         return [[(c, state.targets[c][b]) for c in children] for b in range(len(state.batch))]
 
     def children_with_targets(self, name: str, state: _Pass) -> list[str]:
-        # A child without targets (a Deep-Thinking child, which nothing trains) gives no feedback.
-        return [c for c in self.plan.nodes[name].children if c in state.targets and self.plan.nodes[c].kind == "layer"]
+        return [c for c in self.plan.nodes[name].children if c in state.targets]
 
     def score_targets(self, name: str, items: list[tuple[str, Row, str]]) -> Deferred[list[TargetScore]]:
         """The node's layer scoring (prompt, row, target) triples."""
         node = self.plan.nodes[name]
+        if node.kind == "deep_thinking":
+            return _thinking_scores(name, node.backend, items)
         return LAYERS[node.output_type].target_scores(node, self.plan.spec.nodes[name], items)
 
     def attempts(self, name: str, state: _Pass) -> list[Attempt]:
@@ -279,6 +283,13 @@ class Trainer:
             Attempt(shown_input(template, row, node=name), output, target)
             for row, output, target in zip(state.rows[name], state.result.records[name].outputs, state.targets[name])
         ]
+
+    def operation(self, backend: str, op: str) -> Callable[[list[Any]], list[Any]]:
+        """`generate` / `score` of a backend, or a Deep-Thinking layer's scoring (`think:<node>`)."""
+        if op.startswith(THINK_OP):
+            layer = self.layers[op.removeprefix(THINK_OP)]
+            return lambda rows: layer.choice_logprobs(layer.state, [dict(r) for r in rows])
+        return getattr(self.backends[backend], op)
 
     def dispatch(self, stage: Stage, purpose: str, deferred: Sequence[Deferred[Any]]) -> list[Any]:
         """Run every deferred request list of one purpose: ONE call per (backend, op),
@@ -293,7 +304,7 @@ class Trainer:
             if not requests:
                 continue
             self.events.call(purpose, len(requests))
-            answers[(backend, op)] = getattr(self.backends[backend], op)(list(requests))
+            answers[(backend, op)] = self.operation(backend, op)(list(requests))
             self.calls.append(CallRecord(stage.index, purpose, backend, op, len(requests)))
         return [
             d.decode([answers[(d.backend, d.op)][unique[(d.backend, d.op)][r]] for r in d.requests]) for d in deferred
@@ -348,9 +359,9 @@ class Fit:
         if state is not None:
             self.seed = state["seed"]
             self.run.truncate_after(state["iteration"])
-        layers = self.think()
-        self.trainer = Trainer(self.plan, self.backends, seed=self.seed, layers=layers, events=self.events)
         train_set, dev_set = self.examples("train"), self.examples("dev", self.plan.spec.train.dev_size)
+        layers = self.think(dev_set)
+        self.trainer = Trainer(self.plan, self.backends, seed=self.seed, layers=layers, events=self.events)
         if state is None:
             state = self.initial(dev_set)
         stopped = state["early_stop"]["stopped"]
@@ -366,17 +377,31 @@ class Fit:
         self.finish(state, dev_set)
         return FitResult(self.run, state["prompts"], state["best"], state["iteration"], stopped)
 
-    def think(self) -> dict[str, Any]:
-        """Deep-Thinking nodes tune their K/V state once (saved in the run dir); not prompt-trained."""
-        layers = {}
-        for name, node in sorted(self.plan.nodes.items()):
-            if node.kind == "deep_thinking":
-                from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
+    def think(self, dev_set: list[Example]) -> dict[str, Any]:
+        """Deep-Thinking nodes tune their K/V state once (saved in the run dir, loaded on
+        resume); they are not prompt-trained. A node reading upstream nodes selects T on
+        dev rows holding their outputs under the spec's prompts."""
+        layers: dict[str, Any] = {}
+        for name in self.plan.topological_order:
+            node = self.plan.nodes[name]
+            if node.kind != "deep_thinking":
+                continue
+            from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
 
-                layer = DeepThinkingLayer.from_plan(self.plan, name, self.backends[node.backend], run_dir=self.run.path)
-                self.events.call("think", 1)
+            layer = DeepThinkingLayer.from_plan(self.plan, name, self.backends[node.backend], run_dir=self.run.path)
+            self.events.call("think", 1)
+            if node.parents and dev_set:
+                executor = Executor(self.plan, self.backends, layers=layers, seed=self.seed)
+                upstream = RunResult(records={})
+                for stage in self.plan.forward:
+                    if name in stage.nodes:
+                        break
+                    executor.run_stage(stage, dev_set, upstream)
+                rows = executor.rows_for(name, dev_set, upstream)
+                layer.prepare(dev_rows=rows, dev_targets=[ex[self.plan.spec.outputs.get(name, layer.spec.label_field)] for ex in dev_set])
+            else:
                 layer.prepare()
-                layers[name] = layer
+            layers[name] = layer
         return layers
 
     def initial(self, dev_set: list[Example]) -> dict[str, Any]:
@@ -498,6 +523,17 @@ def _needs_posterior(plan: ExecutionPlan) -> dict[str, bool]:
         name: node.kind == "layer" and not node.is_output and (node.trainable or upstream[name])
         for name, node in plan.nodes.items()
     }
+
+
+def _thinking_scores(name: str, backend: str, items: list[tuple[str, Row, str]]) -> Deferred[list[TargetScore]]:
+    """A Deep-Thinking node's class-normalized log-prob of each target (it has no prompt:
+    its learned K/V state answers), as requests the trainer batches like any other."""
+    requests = [tuple(sorted(row.items())) for _, row, _ in items]
+
+    def decode(distributions: list[dict[str, float]]) -> list[TargetScore]:
+        return [TargetScore(d[target], d) for d, (_, _, target) in zip(distributions, items)]
+
+    return Deferred(backend, THINK_OP + name, requests, decode)
 
 
 def _regroup(flat: list[TargetScore], candidates: list[list[str]]) -> list[list[TargetScore]]:
