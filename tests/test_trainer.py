@@ -329,3 +329,13 @@ def test_a_run_killed_after_its_metrics_line_repeats_that_iteration_once(tmp_pat
     Fit(plan, {"local": ScriptedBackend()}, RunDir.open(run.path), iterations=2).run_fit(resume=True)
     assert [m["iteration"] for m in run.read(run.metrics)] == [0, 1, 2]
 
+
+
+def test_an_untrained_hidden_node_still_passes_feedback_upstream(tmp_path):
+    frozen = DAG_SPEC.replace("    prompt: B-prompt\n", "    prompt: B-prompt\n    trainable: false\n")
+    plan = compile_spec(write_spec(tmp_path, frozen))
+    trainer = Trainer(plan, {"local": ScriptedBackend()}, seed=1)
+    examples = [{"input": f"x{i}", "label": "yes"} for i in range(3)]
+    result = trainer.step({"a": "A-prompt", "c": "C-prompt", "d": "D-prompt"}, examples, [0, 1, 2], iteration=1)
+    assert set(result.prompts) == {"a", "c", "d"} and "b" not in result.loss
+    assert {r["node"] for r in result.posteriors} == {"a", "b", "c"}  # b's targets feed a's posterior
