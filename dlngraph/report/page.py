@@ -45,7 +45,7 @@ tr.total td { font-weight: 600; border-top: 2px solid var(--line); }
 .step { border-left: 3px solid var(--line); padding: 2px 0 2px 12px; margin: 8px 0; }
 .step.best { border-left-color: #10b981; }
 .prompt { white-space: pre-wrap; background: #f9fafb; border-radius: 6px; padding: 6px 10px; margin: 4px 0; }
-del { background: #fee2e2; color: #991b1b; } ins { background: #dcfce7; color: #166534; text-decoration: none; }
+del { background: #fee2e2; color: #991b1b; } del + ins { margin-left: 1px; } ins { background: #dcfce7; color: #166534; text-decoration: none; }
 .badge { display: inline-block; font-size: 11px; padding: 0 6px; border-radius: 9px; background: #e5e7eb; }
 .badge.best, .badge.fixed { background: #d1fae5; color: #065f46; } .badge.broken { background: #fee2e2; color: #991b1b; }
 .cand { display: grid; grid-template-columns: 110px 1fr; gap: 8px; align-items: start; margin: 2px 0; }
@@ -79,6 +79,15 @@ def _usage(field: str, value: float | None) -> str:
     return f"{value:.2f}" if field == "seconds" else f"{int(value):,}"
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _candidate(text: Any) -> str:
+    """A sampled hidden output; an empty one is shown as such, not as nothing."""
+    return escape(str(text)) if str(text or "").strip() else '<span class="muted">(empty)</span>'
+
+
 def _total(run: RunDir, field: str) -> float:
     return sum(m.get(field) or 0 for m in run.metrics)
 
@@ -99,14 +108,14 @@ def _section_summary(run: RunDir) -> str:
         ("calls", _usage("calls", _total(run, "calls"))),
         ("tokens", _usage("tokens", _total(run, "prompt_tokens") + _total(run, "completion_tokens"))),
         ("cost", "$" + _usage("cost", _total(run, "cost"))),
-        ("time", _usage("seconds", _total(run, "seconds")) + " s"),
+        ("time", _duration(_total(run, "seconds"))),
     ]
     body = "".join(f'<div class="card"><b>{value}</b><span>{escape(label)}</span></div>' for label, value in cards)
     return f'<div class="cards" id="summary">{body}</div>'
 
 
 def _section_network(run: RunDir) -> str:
-    return f'<h2 id="network">Network</h2>{network_svg(run.plan)}'
+    return f'<section id="network"><h2>Network</h2>{network_svg(run.plan)}</section>'
 
 
 def _section_curves(run: RunDir) -> str:
@@ -123,7 +132,7 @@ def _section_curves(run: RunDir) -> str:
         "accuracy per split", {k: v for k, v in accuracy.items() if v}, y_range=(0.0, 1.0), css="accuracy"
     )
     charts += line_chart("loss per node", {k: v for k, v in loss.items() if v}, css="loss")
-    return f'<h2 id="curves">Learning curves</h2><div class="charts">{charts}</div>' if charts else ""
+    return f'<section id="curves"><h2>Learning curves</h2><div class="charts">{charts}</div></section>' if charts else ""
 
 
 def _prompt_steps(run: RunDir, node: str) -> list[tuple[int, str]]:
@@ -158,7 +167,7 @@ def _section_prompts(run: RunDir) -> str:
             f'<h3 data-node="{escape(node)}">{escape(node)} <span class="muted">'
             f'({changes} accepted change{"s" if changes != 1 else ""})</span></h3>{"".join(items)}'
         )
-    return f'<h2 id="prompts">Prompts</h2>{"".join(blocks)}' if blocks else ""
+    return f'<section id="prompts"><h2>Prompts</h2>{"".join(blocks)}</section>' if blocks else ""
 
 
 def _chosen_index(record: dict[str, Any]) -> int | None:
@@ -176,7 +185,7 @@ def _posterior_example(record: dict[str, Any]) -> str:
         rows.append(
             f'<div class="cand{" chosen" if i == chosen else ""}"><div class="w"><div class="bar" '
             f'style="width:{max(2, round(60 * weight))}px"></div><span class="muted">{weight:.2f}</span></div>'
-            f'<div class="text">{"&#10003; " if i == chosen else ""}{escape(str(cand.get("text", "")))}</div></div>'
+            f'<div class="text">{"&#10003; " if i == chosen else ""}{_candidate(cand.get("text"))}</div></div>'
         )
     return (
         f'<div class="example"><span class="muted">example {_text(record.get("example"))}</span>'
@@ -197,7 +206,7 @@ def _section_posteriors(run: RunDir) -> str:
             f'<h3 data-node="{escape(node)}">{escape(node)} <span class="muted">(iteration {last}; '
             f"bar = posterior weight, &#10003; = chosen target)</span></h3>{examples}"
         )
-    return f'<h2 id="posteriors">Posterior samples of hidden nodes</h2>{"".join(blocks)}' if blocks else ""
+    return f'<section id="posteriors"><h2>Posterior samples of hidden nodes</h2>{"".join(blocks)}</section>' if blocks else ""
 
 
 def _section_flips(run: RunDir) -> str:
@@ -231,7 +240,7 @@ def _section_flips(run: RunDir) -> str:
         if rows
         else ""
     )
-    return f'<h2 id="flips">Dev examples that changed</h2>{head}{table}'
+    return f'<section id="flips"><h2>Dev examples that changed</h2>{head}{table}</section>'
 
 
 def _section_usage(run: RunDir) -> str:
@@ -246,16 +255,19 @@ def _section_usage(run: RunDir) -> str:
     totals = "".join(f'<td class="num">{_usage(f, _total(run, f))}</td>' for f in USAGE_FIELDS)
     rows.append(f'<tr class="total"><td>total</td><td></td><td></td>{totals}</tr>')
     return (
-        '<h2 id="usage">Calls, tokens, cost and time per iteration</h2><table class="usage"><tr>'
+        '<section id="usage"><h2>Calls, tokens, cost and time per iteration</h2><table class="usage"><tr>'
         f'<th class="num">iteration</th><th class="num">train</th><th class="num">dev</th>{header}</tr>'
-        f'{"".join(rows)}</table><p class="muted">Iteration 0 is the initial evaluation.</p>'
+        f'{"".join(rows)}</table><p class="muted">Iteration 0 is the initial evaluation.</p></section>'
     )
 
 
 def _section_spec(run: RunDir) -> str:
     if not run.spec_text:
         return ""
-    return f'<h2 id="spec">Spec</h2><details><summary>spec.yaml</summary><pre>{escape(run.spec_text)}</pre></details>'
+    return (
+        f'<section id="spec"><h2>Spec</h2><details><summary>spec.yaml</summary><pre>{escape(run.spec_text)}</pre>'
+        "</details></section>"
+    )
 
 
 SECTIONS = (
