@@ -8,8 +8,8 @@ demonstrations for every method of a seed):
                     (T = the Deep-Thinking T of that seed)
   deep-thinking     the state after T passes, T selected on dev (never test)
 
-Cost (seed 0, one query at a time, each method in its own fresh process so the
-peak-memory figure is its own):
+Cost (seed 0, one query at a time; latencies interleaved query by query in one
+process, peak memory measured for each method in its own fresh process):
   icl-reread        every query re-reads the demonstrations (no cache)
   icl-cached        the demonstrations' K/V computed once, reused per query
   deep-thinking     the learned state loaded from its safetensors file
@@ -28,6 +28,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, score_choic
 from dlngraph.spec import DeepThinkingNode
 
 ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 2  # queries run before timing starts
 CHOICES = {"mpqa": ["negative", "positive"], "subj": ["objective", "subjective"]}
 
 
@@ -65,7 +67,9 @@ def split(args: argparse.Namespace, task: str, name: str, limit: int) -> tuple[l
     return [{"input": e["input"]} for e in examples], [e["target"] for e in examples]
 
 
-def accuracy(layer: DeepThinkingLayer, state: KVState | None, rows: list[dict[str, str]], targets: list[str]) -> float:
+def accuracy(
+    layer: DeepThinkingLayer, state: KVState | None, rows: list[dict[str, str]], targets: list[str]
+) -> float:
     scored = layer.choice_logprobs(state, rows)
     return sum(max(lp, key=lp.__getitem__) == t for lp, t in zip(scored, targets)) / len(targets)
 
@@ -109,8 +113,66 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure(job: dict[str, Any]) -> dict[str, float]:
-    """One method's per-query latency and peak memory, in this (fresh) process."""
+METHODS = ("icl-reread", "icl-cached", "deep-thinking")
+
+
+@dataclass
+class CostInputs:
+    text: str  # the rendered demonstrations
+    demos: list[int]
+    queries: list[list[int]]
+    choices: list[list[list[int]]]
+
+
+def cost_inputs(task: str, args: argparse.Namespace, backend: Any) -> tuple[DeepThinkingLayer, CostInputs]:
+    layer = make_layer(task, 0, args, backend)
+    text = layer.demo_text(layer.demonstrations())
+    rows, _ = split(args, task, "test", args.latency_queries + WARMUP)
+    queries, continuations = layer.queries(rows)
+    ids = lambda text: list(backend.token_ids(text))  # noqa: E731
+    choices = [[ids(c) for c in cs] for cs in continuations]
+    return layer, CostInputs(text, ids(text), [ids(q) for q in queries], choices)
+
+
+def prefix_of(method: str, layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) -> KVState | None:
+    if method == "icl-cached":
+        return layer.think(inputs.text, 1)  # pass 1 is the plain K/V cache of the demonstrations
+    if method == "deep-thinking":
+        return KVState.load(state_file)
+    return None
+
+
+def answer(model: Any, method: str, prefix: KVState | None, inputs: CostInputs, i: int) -> None:
+    """One query, both choices; re-reading puts the demonstrations in front of it."""
+    query = inputs.demos + inputs.queries[i] if method == "icl-reread" else inputs.queries[i]
+    score_choices(model, prefix, [query], [inputs.choices[i]])
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def latencies(layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) -> dict[str, float]:
+    """Median seconds per query of each method, interleaved query by query (rotating
+    the order) so a busy machine slows every method alike."""
+    prefixes = {m: prefix_of(m, layer, inputs, state_file) for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for i in range(len(inputs.queries)):
+        for m in METHODS[i % 3 :] + METHODS[: i % 3]:
+            started = time.perf_counter()
+            answer(layer.backend.model, m, prefixes[m], inputs, i)
+            if i >= WARMUP:
+                times[m].append(time.perf_counter() - started)
+    return {m: statistics.median(ts) for m, ts in times.items()}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_memory(job: dict[str, Any]) -> float:
+    """MiB one method adds to the peak over the loaded model, in this fresh process."""
     from dlngraph.runtime.backends.torch_backend import TorchBackend
     from dlngraph.spec import TorchBackendSpec
 
@@ -118,14 +180,10 @@ def _measure(job: dict[str, Any]) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     backend = TorchBackend(TorchBackendSpec(device=args.device))
     model = backend.model
-    layer = make_layer(job["task"], 0, args, backend)
-    text = layer.demo_text(layer.demonstrations())
-    rows, _ = split(args, job["task"], "test", args.latency_queries + job["warmup"])
-    queries, continuations = layer.queries(rows)
-    demos = list(backend.token_ids(text))
+    layer, inputs = cost_inputs(job["task"], args, backend)
     # A tiny forward touches every weight page (safetensors are memory-mapped),
-    # so the figure below is the method's own memory, not the model's.
-    score_choices(model, None, [demos[:4]], [[demos[4:5]]])
+    # so the figure is the method's own memory, not the model's.
+    score_choices(model, None, [inputs.demos[:4]], [[inputs.demos[4:5]]])
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -134,43 +192,31 @@ def _measure(job: dict[str, Any]) -> dict[str, float]:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS counts again from here
         base = _rss_kib("VmRSS") * 1024
-    state = None
-    if job["method"] == "icl-cached":
-        state = layer.think(text, 1)  # pass 1 is the plain K/V cache of the demonstrations
-    elif job["method"] == "deep-thinking":
-        state = KVState.load(Path(job["state"]))
-    times = []
-    for i, (query, cs) in enumerate(zip(queries, continuations)):
-        ids = list(backend.token_ids(query))
-        ids = demos + ids if job["method"] == "icl-reread" else ids
-        started = time.perf_counter()
-        score_choices(model, state, [ids], [[list(backend.token_ids(c)) for c in cs]])
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= job["warmup"]:
-            times.append(time.perf_counter() - started)
+    prefix = prefix_of(job["method"], layer, inputs, Path(job["state"]))
+    for i in range(len(inputs.queries)):
+        answer(model, job["method"], prefix, inputs, i)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
-    return {"latency_s": statistics.median(times), "peak_mib": (peak - base) / 2**20}
+    return (peak - base) / 2**20
 
 
 def run_cost(task: str, args: argparse.Namespace, backend: Any, tmp: Path) -> dict[str, dict[str, float]]:
-    layer = make_layer(task, 0, args, backend)
-    text = layer.demo_text(layer.demonstrations())
+    layer, inputs = cost_inputs(task, args, backend)
     started = time.perf_counter()
-    state = layer.think(text, args.cost_steps)
+    state = layer.think(inputs.text, args.cost_steps)
     think_s = time.perf_counter() - started
-    path = tmp / f"{task}.safetensors"
-    state.save(path)
+    state_file = tmp / f"{task}.safetensors"
+    state.save(state_file)
     out: dict[str, dict[str, float]] = {
-        "think": {"seconds": think_s, "state_mib": path.stat().st_size / 2**20, "L": state.length}
+        "think": {"seconds": think_s, "state_mib": state_file.stat().st_size / 2**20, "L": state.length}
     }
+    seconds = latencies(layer, inputs, state_file)
     ctx = multiprocessing.get_context("spawn")
-    for method in ("icl-reread", "icl-cached", "deep-thinking"):
-        job = {"method": method, "task": task, "args": args, "state": str(path), "warmup": 2}
+    for method in METHODS:
         with ctx.Pool(1) as pool:
-            out[method] = pool.apply(_measure, (job,))
-        print(f"  {task} {method}: {out[method]['latency_s'] * 1000:.0f} ms/query, "
-              f"peak +{out[method]['peak_mib']:.1f} MiB", flush=True)
+            job = {"method": method, "task": task, "args": args, "state": str(state_file)}
+            peak = pool.apply(_peak_memory, (job,))
+        out[method] = {"latency_s": seconds[method], "peak_mib": peak}
+        print(f"  {task} {method}: {seconds[method] * 1000:.0f} ms/query, peak +{peak:.1f} MiB", flush=True)
     return out
 
 
@@ -191,10 +237,12 @@ def report(task: str, acc: dict[str, Any], cost: dict[str, dict[str, float]], ar
     reread = cost["icl-reread"]["latency_s"]
     for method in ("icl-reread", "icl-cached", "deep-thinking"):
         c = cost[method]
-        print(f"  {method:<16} {c['latency_s'] * 1000:7.1f} ms/query  ({c['latency_s'] / reread:.2f}x re-reading)  "
+        ratio = c["latency_s"] / reread
+        print(f"  {method:<16} {c['latency_s'] * 1000:7.1f} ms/query  ({ratio:.2f}x re-reading)  "
               f"peak +{c['peak_mib']:.1f} MiB")
     think = cost["think"]
-    print(f"  one-time think   {think['seconds']:.2f} s for T={args.cost_steps} passes over L={think['L']} tokens; "
+    print(f"  one-time think   {think['seconds']:.2f} s for T={args.cost_steps} passes over "
+          f"L={think['L']} tokens; "
           f"state file {think['state_mib']:.1f} MiB; selecting T on dev took "
           f"{statistics.mean(s['select_s'] for s in seeds):.1f} s per seed")
 
