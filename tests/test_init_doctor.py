@@ -40,6 +40,24 @@ def test_init_scaffolds_a_valid_spec_and_data(template: Template, tmp_path: Path
     assert plan.name == spec.name and set(plan.data_paths) == {"train", "dev", "test"}
 
 
+@pytest.mark.model
+def test_init_then_fit_in_a_fresh_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first hour: scaffold, then fit with the defaults of a fresh directory (runs/ under it)."""
+    monkeypatch.chdir(tmp_path)
+    main(["init", "net"])
+    spec_path = Path("net/spec.yaml")
+    spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    spec["train"].update(batch_size=2, prompt_proposals=2, dev_size=4)  # tiny: this is about the plumbing
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    main(["fit", str(spec_path), "--iterations", "1", "--cache", str(tmp_path / "cache")])
+
+    (run,) = sorted(Path("runs").iterdir())
+    assert run.name.startswith("mpqa-dln1-")
+    assert [m["iteration"] for m in _lines(run / "metrics.jsonl")] == [0, 1]
+    best = yaml.safe_load((run / "best.yaml").read_text(encoding="utf-8"))
+    assert set(best["prompts"]) == {"answer"} and best["prompts"]["answer"].strip()
+
+
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["init", str(tmp_path)])
     (tmp_path / "spec.yaml").write_text("mine\n")

@@ -86,7 +86,10 @@ def fabricate_run(root: Path) -> Path:
         [
             {
                 "iteration": it, "node": "reason", "example": ex, "input": f"sentence {ex} {HOSTILE}",
-                "candidates": [{"text": f"because {ex}a", "weight": 0.7}, {"text": f"because {ex}b", "weight": 0.3}],
+                "candidates": [
+                    {"text": f"because {ex}a", "weight": 0.7}, {"text": f"because {ex}b", "weight": 0.3},
+                    {"text": "", "weight": 0.0},
+                ],
                 "chosen": f"because {ex}a",
             }
             for it in (1, 2)
@@ -109,6 +112,14 @@ def test_word_diff_marks_removed_and_added_words() -> None:
     assert word_diff("Answer the question.", "Answer the <b> question.") == "Answer the <ins>&lt;b&gt; </ins>question."
     assert word_diff("Answer the question.", "Answer it.") == "Answer <del>the question</del><ins>it</ins>."
     assert word_diff("same text", "same text") == "same text"
+    # Spaces between changed words join them into one replaced phrase.
+    assert word_diff("Read the review, then pick one.", "Read the short text, then pick one.") == (
+        "Read the <del>review</del><ins>short text</ins>, then pick one."
+    )
+    # A rewrite sharing few words is shown replaced whole, not as word salad.
+    assert word_diff("Classify the sentence.", "To improve it, be concise.") == (
+        "<del>Classify the sentence.</del> <ins>To improve it, be concise.</ins>"
+    )
 
 
 def test_layout_puts_inputs_stages_and_targets_in_columns() -> None:
@@ -137,6 +148,7 @@ def test_report_of_fabricated_run_has_every_section(tmp_path: Path) -> None:
     # Posteriors: the last iteration only, the first 3 examples by index, chosen marked.
     assert html.count('class="example"') == 3
     assert "example 1" in html and "example 5" not in html
+    assert html.count("(empty)") == 3  # an empty sample is named, not left blank
     # Predictions: index 0 fixed, index 3 broken, 1 and 2 unchanged.
     assert "2 of 4 dev examples changed prediction" in html and "1 fixed, 1 broken" in html
     # Totals over iterations 0..2.
@@ -235,7 +247,7 @@ def _check_in_browser(driver, page: Path, screenshot: str) -> dict:
           boxes: all('svg.network g.box').map((g) => g.dataset.key).sort(),
           edges: all('svg.network path.edge').length,
           charts: all('svg.chart').map((el) => [el.getAttribute('class'), el.querySelectorAll('polyline').length].concat(size(el))),
-          steps: all('#prompts ~ .step, .step').map((el) => Number(el.dataset.iteration)),
+          steps: all('.step').map((el) => Number(el.dataset.iteration)),
           diffs: all('.step ins, .step del').length,
           height: document.documentElement.scrollHeight,
         };
@@ -258,3 +270,35 @@ def test_browser_renders_fabricated_report(browser, tmp_path: Path) -> None:
     assert found["steps"] == [0, 1, 0, 2] and found["diffs"] >= 2
     # The hostile spec text stayed text: no alert dialog, no injected element.
     assert browser.execute_script("return document.querySelectorAll('script').length") == 0
+
+
+@pytest.mark.model
+def test_browser_renders_report_of_a_real_fit(browser, tmp_path: Path) -> None:
+    """`dlngraph init` (DLN-2) -> a real 2-iteration `dlngraph fit` on the embedded model -> report -> Chromium."""
+    spec_path = tmp_path / "net" / "spec.yaml"
+    main(["init", str(spec_path.parent), "--template", "dln2"])
+    spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    spec["train"].update(batch_size=4, prompt_proposals=2, posterior_samples=2, dev_size=8)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    main(["fit", str(spec_path), "--iterations", "2", "--out", str(run_dir), "--cache", str(tmp_path / "cache")])
+    main(["report", str(run_dir)])
+    page = run_dir / "report.html"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(page, ARTIFACTS / "report-fit.html")
+
+    found = _check_in_browser(browser, page, "report-fit.png")
+    assert found["boxes"] == ["in:input", "node:answer", "node:reason", "out:target"]
+    run = load_run(run_dir)
+    assert [m["iteration"] for m in run.metrics] == [0, 1, 2]
+    # Every accepted change of a prompt is one step, drawn as a diff against the step before.
+    changes = sum(
+        1
+        for before, after in zip(run.checkpoints, run.checkpoints[1:])
+        for node in ("answer", "reason")
+        if before["prompts"][node] != after["prompts"][node]
+    )
+    assert found["steps"].count(0) == 2  # the initial prompt of each node
+    assert len(found["steps"]) - 2 == changes
+    assert (found["diffs"] > 0) == (changes > 0)
+    assert browser.find_elements("css selector", "#posteriors .example")  # DLN-2: hidden-node samples shown
