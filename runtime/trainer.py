@@ -188,7 +188,8 @@ class Trainer:
             pairs = [(b, h) for b, cands in enumerate(candidates[n]) for h in cands]
             deferred.append(self.score_targets(n, [(prompts[n], state.rows[n][b], h) for b, h in pairs]))
             for c in self.children_with_targets(n, state):
-                items = [(prompts[c], {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
+                # (a Deep-Thinking child has no prompt: its K/V state answers)
+                items = [(prompts.get(c, ""), {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
                 deferred.append(self.score_targets(c, items))
         scored = iter(self.dispatch(stage, "child_rescoring", deferred))
         for n in names:
