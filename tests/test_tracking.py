@@ -101,3 +101,34 @@ def test_mlflow_run_has_params_metrics_and_artifacts(
     artifacts = sorted(a.path for a in client.list_artifacts(run_id))
     assert artifacts == ["checkpoints", "metrics.jsonl"]
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/iter-0000.yaml"]
+
+
+@pytest.mark.model
+def test_fit_logs_to_an_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real 1-iteration fit of the DLN-1 scaffold with `tracking.mlflow` in its spec."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from dlngraph.cli import main
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    spec_path = tmp_path / "net" / "spec.yaml"
+    main(["init", str(spec_path.parent)])
+    spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    spec["train"].update(batch_size=2, prompt_proposals=2, dev_size=4)
+    spec["tracking"] = {"mlflow": {"tracking_uri": uri, "experiment": "first-hour"}}
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    main(["fit", str(spec_path), "--iterations", "1", "--out", str(run_dir), "--cache", str(tmp_path / "cache")])
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("first-hour").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["train.prompt_proposals"] == "2" and run.data.params["nodes"] == "answer"
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "dev_acc")}
+    written = {r["iteration"]: r["dev_acc"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert logged == pytest.approx(written) and sorted(logged) == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.jsonl", "best.yaml", "plan.json", "spec.yaml", "checkpoints"} <= artifacts
