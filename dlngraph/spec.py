@@ -67,8 +67,11 @@ class LiteLLMBackendSpec(_Model):
     cooldown: float = Field(
         10.0, gt=0, description="seconds a failing deployment sits out before the Router tries it again"
     )
-    top_logprobs: int = Field(
-        20, ge=1, le=100, description="next-token alternatives asked for when scoring single-token choices"
+    top_logprobs: int | None = Field(
+        None,
+        ge=1,
+        description="next-token alternatives asked for when scoring single-token choices; "
+        "default 1000 for your own servers (api_base/deployments), 5 for hosted providers",
     )
     capabilities: list[str] | None = Field(
         None, description="declare capabilities instead of probing the endpoint"

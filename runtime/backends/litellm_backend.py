@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 # Local servers accept any key, but the OpenAI client insists on one.
 PLACEHOLDER_KEY = "no-key"
 MAX_BACKOFF = 30.0
+# Alternatives asked for when scoring single-token choices, unless the spec says:
+# an instruct model often ranks a bare label word in the hundreds (llama.cpp
+# answers k=1000 in ~0.1 s); hosted completion APIs cap k at 5.
+TOP_K_SERVER = 1000
+TOP_K_HOSTED = 5
 
 
 def import_litellm() -> Any:
@@ -355,11 +360,13 @@ class LiteLLMBackend(BackendBase):
     def _score_top_k(self, requests: list[ScoreRequest]) -> list[Score]:
         """Single-token continuations from one top-k request per distinct prompt."""
         self._check_single_tokens(requests)
+        own_servers = bool(self.spec.api_base or self.spec.deployments)
+        k = self.spec.top_logprobs or (TOP_K_SERVER if own_servers else TOP_K_HOSTED)
+        # A server that stops at once returns no log-probs; llama.cpp and vLLM take
+        # min_tokens (llama.cpp still reports the unmasked distribution).
+        extra = {"extra_body": {"min_tokens": 1}} if own_servers else {}
         prompts = sorted({r.prefix + r.prompt for r in requests})
-        jobs = [
-            {"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": self.spec.top_logprobs}
-            for p in prompts
-        ]
+        jobs = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": k, **extra} for p in prompts]
         replies = dict(zip(prompts, self.run_batch(jobs)))
         alternatives = {p: top_alternatives(reply) for p, reply in replies.items()}
         return [
