@@ -12,6 +12,7 @@ def plot_curve(metrics: Sequence[dict[str, Any]], path: Path, title: str) -> Non
 
     matplotlib.use("Agg")  # no display; safe in threads and on servers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     try:
@@ -19,6 +20,7 @@ def plot_curve(metrics: Sequence[dict[str, Any]], path: Path, title: str) -> Non
             points = [(m["iteration"], m[key]) for m in metrics if m.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), style, label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("iteration")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
