@@ -85,6 +85,16 @@ def test_doctor_reports_environment_and_provider_names_only(tmp_path: Path) -> N
     assert checks[("providers", "litellm providers")]["value"] == "openai (OPENAI_API_KEY)"
 
 
+def test_doctor_names_the_extra_for_a_missing_optional_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlngraph.cli import doctor
+
+    monkeypatch.setattr(doctor, "_version", lambda dist: None if dist in ("mkdocs-material", "litellm") else "1.0")
+    checks = {c.name: c for c in doctor.diagnose() if c.section == "system"}
+    assert (checks["mkdocs-material"].status, checks["mkdocs-material"].hint) == ("info", 'pip install "dlngraph[docs]"')
+    assert (checks["litellm"].status, checks["litellm"].hint) == ("fail", "pip install litellm")
+    assert checks["mlflow"].status == "ok"
+
+
 def test_version_matches_the_installed_distribution() -> None:
     proc = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0

@@ -240,13 +240,18 @@ def _check_in_browser(driver, page: Path, screenshot: str) -> dict:
     # Geometry of what must render: a drawn box has a size.
     found = driver.execute_script(
         """
-        const size = (el) => { const r = el.getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; };
+        const size = (el) => {
+          const r = el.getBoundingClientRect();
+          return [Math.round(r.width), Math.round(r.height)];
+        };
         const all = (sel) => Array.from(document.querySelectorAll(sel));
         return {
           network: all('svg.network').map(size),
           boxes: all('svg.network g.box').map((g) => g.dataset.key).sort(),
           edges: all('svg.network path.edge').length,
-          charts: all('svg.chart').map((el) => [el.getAttribute('class'), el.querySelectorAll('polyline').length].concat(size(el))),
+          charts: all('svg.chart').map(
+            (el) => [el.getAttribute('class'), el.querySelectorAll('polyline').length].concat(size(el))
+          ),
           steps: all('.step').map((el) => Number(el.dataset.iteration)),
           diffs: all('.step ins, .step del').length,
           height: document.documentElement.scrollHeight,

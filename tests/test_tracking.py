@@ -18,7 +18,9 @@ def _spec(**extra) -> Spec:
         {
             "name": "toy",
             "inputs": ["input"],
-            "nodes": {"answer": {"template": "{{ input }} {{ prompt }}", "output": {"type": "choice", "choices": ["a", "b"]}}},
+            "nodes": {
+                "answer": {"template": "{{ input }} {{ prompt }}", "output": {"type": "choice", "choices": ["a", "b"]}}
+            },
             "outputs": {"answer": "target"},
             "train": {"iterations": 2, "batch_size": 4},
             **extra,
@@ -128,7 +130,8 @@ def test_fit_logs_to_an_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.Mo
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params["train.prompt_proposals"] == "2" and run.data.params["nodes"] == "answer"
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "dev_acc")}
-    written = {r["iteration"]: r["dev_acc"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    written = {r["iteration"]: r["dev_acc"] for r in map(json.loads, lines)}
     assert logged == pytest.approx(written) and sorted(logged) == [0, 1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.jsonl", "best.yaml", "plan.json", "spec.yaml", "checkpoints"} <= artifacts

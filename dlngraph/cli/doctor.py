@@ -77,12 +77,14 @@ def _system() -> list[Check]:
         Check("system", "python", platform.python_version(), "ok" if sys.version_info >= (3, 11) else "fail"),
         Check("system", "platform", platform.platform(), "info"),
     ]
-    for dist in ("transformers", "litellm", "mlflow", "mkdocs-material"):
+    for dist, extra in (("transformers", None), ("litellm", None), ("mlflow", "mlflow"), ("mkdocs-material", "docs")):
         version = _version(dist)
-        optional = dist in ("mlflow", "mkdocs-material")
-        status = "ok" if version else ("info" if optional else "fail")
-        hint = "" if version else (f'pip install "dlngraph[{dist.split("-")[0]}]"' if optional else f"pip install {dist}")
-        checks.append(Check("system", dist, version or "not installed", status, hint))
+        if version:
+            checks.append(Check("system", dist, version, "ok"))
+        elif extra:  # optional: only what needs it is missing
+            checks.append(Check("system", dist, "not installed", "info", f'pip install "dlngraph[{extra}]"'))
+        else:
+            checks.append(Check("system", dist, "not installed", "fail", f"pip install {dist}"))
     return checks
 
 

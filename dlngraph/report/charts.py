@@ -55,7 +55,9 @@ def line_chart(title: str, series: Series, *, y_range: tuple[float, float] | Non
         )
     for x in _ticks(x_lo, x_hi, count=min(10, int(x_hi - x_lo) or 1)):
         if x == int(x):  # iterations are whole numbers
-            parts.append(f'<text class="tick" x="{sx(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{x:.0f}</text>')
+            parts.append(
+                f'<text class="tick" x="{sx(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{x:.0f}</text>'
+            )
     parts.append(
         f'<line class="axis" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{TOP + plot_h}" y2="{TOP + plot_h}"/>'
         f'<text class="tick" x="{LEFT + plot_w / 2:.0f}" y="{H - 4}" text-anchor="middle">iteration</text>'

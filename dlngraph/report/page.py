@@ -35,7 +35,8 @@ svg text { font: 12px system-ui, sans-serif; }
 .network .sub { fill: var(--muted); font-size: 11px; text-anchor: middle; }
 .network .input rect, .network .target rect { fill: #f3f4f6; stroke: #9ca3af; }
 .network .hidden rect { fill: #eff6ff; stroke: #3b82f6; } .network .output rect { fill: #ecfdf5; stroke: #10b981; }
-.chart .grid { stroke: #eef0f3; } .chart .axis { stroke: #9ca3af; } .chart .tick { fill: var(--muted); font-size: 11px; }
+.chart .grid { stroke: #eef0f3; } .chart .axis { stroke: #9ca3af; }
+.chart .tick { fill: var(--muted); font-size: 11px; }
 .charts { display: flex; flex-wrap: wrap; gap: 16px; }
 figure { margin: 0; } figcaption { font-weight: 600; margin-bottom: 2px; }
 table { border-collapse: collapse; width: 100%; margin: 8px 0; }
@@ -45,9 +46,11 @@ tr.total td { font-weight: 600; border-top: 2px solid var(--line); }
 .step { border-left: 3px solid var(--line); padding: 2px 0 2px 12px; margin: 8px 0; }
 .step.best { border-left-color: #10b981; }
 .prompt { white-space: pre-wrap; background: #f9fafb; border-radius: 6px; padding: 6px 10px; margin: 4px 0; }
-del { background: #fee2e2; color: #991b1b; } del + ins { margin-left: 1px; } ins { background: #dcfce7; color: #166534; text-decoration: none; }
+del { background: #fee2e2; color: #991b1b; } del + ins { margin-left: 1px; }
+ins { background: #dcfce7; color: #166534; text-decoration: none; }
 .badge { display: inline-block; font-size: 11px; padding: 0 6px; border-radius: 9px; background: #e5e7eb; }
-.badge.best, .badge.fixed { background: #d1fae5; color: #065f46; } .badge.broken { background: #fee2e2; color: #991b1b; }
+.badge.best, .badge.fixed { background: #d1fae5; color: #065f46; }
+.badge.broken { background: #fee2e2; color: #991b1b; }
 .cand { display: grid; grid-template-columns: 110px 1fr; gap: 8px; align-items: start; margin: 2px 0; }
 .cand .w { display: flex; align-items: center; gap: 6px; }
 .cand .bar { height: 8px; background: #93c5fd; border-radius: 4px; }
@@ -132,7 +135,9 @@ def _section_curves(run: RunDir) -> str:
         "accuracy per split", {k: v for k, v in accuracy.items() if v}, y_range=(0.0, 1.0), css="accuracy"
     )
     charts += line_chart("loss per node", {k: v for k, v in loss.items() if v}, css="loss")
-    return f'<section id="curves"><h2>Learning curves</h2><div class="charts">{charts}</div></section>' if charts else ""
+    if not charts:
+        return ""
+    return f'<section id="curves"><h2>Learning curves</h2><div class="charts">{charts}</div></section>'
 
 
 def _prompt_steps(run: RunDir, node: str) -> list[tuple[int, str]]:
@@ -206,7 +211,9 @@ def _section_posteriors(run: RunDir) -> str:
             f'<h3 data-node="{escape(node)}">{escape(node)} <span class="muted">(iteration {last}; '
             f"bar = posterior weight, &#10003; = chosen target)</span></h3>{examples}"
         )
-    return f'<section id="posteriors"><h2>Posterior samples of hidden nodes</h2>{"".join(blocks)}</section>' if blocks else ""
+    if not blocks:
+        return ""
+    return f'<section id="posteriors"><h2>Posterior samples of hidden nodes</h2>{"".join(blocks)}</section>'
 
 
 def _section_flips(run: RunDir) -> str:
@@ -227,7 +234,8 @@ def _section_flips(run: RunDir) -> str:
         rows.append(
             f'<tr class="{status}"><td class="num">{index}</td><td><pre class="input">{_text(new.get("input"))}'
             f'</pre></td><td class="value">{_text(new.get("target"))}</td>'
-            f'<td class="value">{_text(old.get("prediction"))}</td><td class="value">{_text(new.get("prediction"))}</td>'
+            f'<td class="value">{_text(old.get("prediction"))}</td>'
+            f'<td class="value">{_text(new.get("prediction"))}</td>'
             f'<td><span class="badge {status}">{status}</span></td></tr>'
         )
     head = (
