@@ -123,7 +123,8 @@ def final_test_acc(log: str) -> float:
 
 
 def best_prompt(log: str) -> str:
-    found = re.findall(r"Best L2 weights: (.*)", log)
+    # output.log prefixes each message with a timestamp; a multi-line prompt runs until the next one
+    found = re.findall(r"Best L2 weights: (.*?)\n\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - ", log, re.DOTALL)
     return found[-1].strip() if found else ""
 
 

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dlngraph.runner import evaluate, load_checkpoint  # noqa: E402
+
 from common import PROPOSAL_TOKENS, Budget, PeerResult, Task, TASKS, add_budget_args, budget_from, write_subsets  # noqa: E402
 
 
@@ -62,8 +64,6 @@ def backend_entry(args) -> dict:
 
 
 def test_accuracy(spec: Path, checkpoint: Path | None) -> float:
-    from dlngraph.runner import evaluate
-
     return evaluate(spec, "test", checkpoint=checkpoint, no_cache=True).score
 
 
@@ -88,10 +88,10 @@ def main() -> None:
         initial = test_accuracy(spec, None)
         best = fit(spec, Path(tmp) / "run")
         final = test_accuracy(spec, best)
-        prompt = best.read_text(encoding="utf-8")
+        prompt = load_checkpoint(best)["answer"]
     suffix = "" if args.backend == "litellm" else " (torch backend, not like-for-like)"
     PeerResult(system="dlngraph" + suffix, task=task.name, initial_test_acc=initial, final_test_acc=final,
-               final_prompt=prompt.strip()).write(args.out)
+               final_prompt=prompt).write(args.out)
 
 
 if __name__ == "__main__":

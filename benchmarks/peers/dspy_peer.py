@@ -31,7 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROPOSAL_TOKENS, PeerResult, Task, TASKS, add_budget_args, budget_from, correct, load_split  # noqa: E402
 
-ANSWER_TOKENS = 24  # room for DSPy's answer and completed markers
+ANSWER_TOKENS = 32  # room for DSPy's answer and completed markers
+
+
+MIPRO_TRAIN = 100
 
 
 def lenient_adapter(task: Task):
@@ -66,9 +69,10 @@ def first_label(task: Task, text: str) -> str:
 def make_lm(args, max_tokens: int, temperature: float):
     import dspy
 
-    # The server ignores max_completion_tokens (what the OpenAI route sends): pass max_tokens in the body too.
+    # engine lm15 sends n requests for n candidates (the server ignores `n`); the
+    # proxy maps its max_completion_tokens to the max_tokens the server reads.
     return dspy.LM(f"openai/{args.model}", api_base=args.base_url, api_key="EMPTY", cache=False,
-                   temperature=temperature, max_tokens=max_tokens, extra_body={"max_tokens": max_tokens})
+                   engine="lm15", temperature=temperature, max_tokens=max_tokens)
 
 
 def examples(task: Task, split: str, limit: int | None):
@@ -91,13 +95,15 @@ def optimize(optimizer: str, program, budget, train, dev, metric, prompt_lm):
     if optimizer == "copro":
         teleprompter = COPRO(prompt_model=prompt_lm, metric=metric, breadth=budget.proposals,
                              depth=budget.iterations, init_temperature=0.7)
-        return teleprompter.compile(program, trainset=dev, eval_kwargs={"num_threads": 4, "max_errors": 10**6})
+        return teleprompter.compile(program, trainset=dev, eval_kwargs={"num_threads": 4})
     trials = budget.iterations * budget.proposals
     candidates = budget.iterations * (budget.proposals - 1) + 1
     teleprompter = MIPROv2(metric=metric, prompt_model=prompt_lm, auto=None, num_candidates=candidates,
                            max_bootstrapped_demos=0, max_labeled_demos=0, num_threads=4,
                            max_errors=10**6, seed=budget.seed, init_temperature=0.7)
-    return teleprompter.compile(program, trainset=train, valset=dev, num_trials=trials,
+    # MIPROv2 walks its trainset to bootstrap demos for the proposer until 3 pass
+    # the metric; with a 135M model that can be the whole set, so it gets 100.
+    return teleprompter.compile(program, trainset=train[:MIPRO_TRAIN], valset=dev, num_trials=trials,
                                 minibatch_size=budget.batch_size,
                                 minibatch_full_eval_steps=budget.proposals)
 
@@ -114,7 +120,8 @@ def main() -> None:
     import dspy
 
     adapter = lenient_adapter(task) if args.adapter == "lenient" else dspy.ChatAdapter()
-    dspy.configure(lm=make_lm(args, ANSWER_TOKENS, 0.0), adapter=adapter)
+    # a reply DSPy cannot parse scores 0 instead of stopping the run
+    dspy.configure(lm=make_lm(args, ANSWER_TOKENS, 0.0), adapter=adapter, max_errors=10**6)
     signature = dspy.Signature("input -> answer", task.instruction)
     program = dspy.Predict(signature)
 

@@ -4,6 +4,10 @@ Every system sends its requests to a small proxy on 127.0.0.1 that forwards them
 unchanged to one llama.cpp OpenAI-compatible server and adds up, per request,
 the `usage` the server reports. Calls and tokens are therefore measured the same
 way for every system, whatever its own accounting says.
+
+The one thing it changes: llama-cpp-python's server ignores OpenAI's newer
+`max_completion_tokens` (what litellm and DSPy send) and would generate to the
+end of the context, so the proxy copies it into `max_tokens` when that is absent.
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ class Usage:
             return
         self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
         self.completion_tokens += int(usage.get("completion_tokens") or 0)
+
+
+def with_max_tokens(body: bytes) -> bytes:
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(request, dict) or "max_completion_tokens" not in request or "max_tokens" in request:
+        return body
+    return json.dumps({**request, "max_tokens": request["max_completion_tokens"]}).encode()
 
 
 class CountingProxy:
@@ -86,8 +100,9 @@ class CountingProxy:
 
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                body = with_max_tokens(self.rfile.read(length) if length else b"")
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "content-length")}
                 status, response_headers, payload = proxy._forward(self.command, self.path, headers, body)
                 if self.command == "POST":
                     with proxy._lock:
