@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
@@ -104,9 +104,9 @@ class KVState:
                 layers = len([k for k in f.keys() if k.startswith("k.")])
                 keys = [f.get_tensor(f"k.{i}") for i in range(layers)]
                 values = [f.get_tensor(f"v.{i}") for i in range(layers)]
-        except (OSError, KeyError, ValueError) as exc:
-            raise RuntimeFailure(f"could not read Deep-Thinking state {path}: {exc}") from exc
-        return cls(keys, values, StateMeta.from_strings(raw))
+            return cls(keys, values, StateMeta.from_strings(raw))
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+            raise RuntimeFailure(f"could not read Deep-Thinking state {path}: {exc!r}") from exc
 
 
 def load_state(path: Path, expected: StateMeta, *, compare_steps: bool) -> KVState:

@@ -249,3 +249,15 @@ def test_composed_spec_draws_demonstrations_from_the_plan_and_needs_upstream_dev
     assert layer.demonstrations() == demos  # the seed fixes the draw
     with pytest.raises(RuntimeFailure, match="outputs of the upstream node"):
         layer.prepare()  # T is selected on dev, whose rows need the rewrite layer's outputs
+
+
+def test_a_file_that_is_not_a_state_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "something-else"})
+    with pytest.raises(RuntimeFailure, match="is not a Deep-Thinking state"):
+        KVState.load(path)
+    save_file({"k.0": torch.zeros(1)}, str(path), metadata={"format": "dlngraph-deep-thinking/1"})
+    with pytest.raises(RuntimeFailure, match="could not read Deep-Thinking state"):
+        KVState.load(path)
