@@ -29,7 +29,7 @@ h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 32px 0 10
 nav a { margin-right: 14px; color: var(--accent); text-decoration: none; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0; }
 .card { border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; flex: 1 1 100px; }
-.card b { display: block; font-size: 20px; } .card span { color: var(--muted); font-size: 12px; }
+.card b { display: block; font-size: 20px; white-space: nowrap; } .card span { color: var(--muted); font-size: 12px; }
 svg text { font: 12px system-ui, sans-serif; }
 .network .box rect { stroke-width: 1.5; } .network .label { font-weight: 600; text-anchor: middle; }
 .network .sub { fill: var(--muted); font-size: 11px; text-anchor: middle; }
