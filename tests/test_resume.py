@@ -25,7 +25,7 @@ from tests.test_fit_cli import tiny_copy
 
 pytestmark = pytest.mark.model
 
-TIMEOUT = 900
+TIMEOUT = 1800  # seconds per fit; generous, the CPU may be shared
 
 
 def fit(*args: str) -> subprocess.Popen:
@@ -61,7 +61,9 @@ def metrics_without_timing(run: Path) -> list[dict]:
 
 
 def test_a_run_killed_mid_iteration_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
-    spec = tiny_copy("dln1-mpqa", tmp_path, iterations=2, prompt_proposals=3, patience=10)
+    spec = tiny_copy(
+        "dln1-mpqa", tmp_path, iterations=2, prompt_proposals=3, dev_size=2, proposal_max_tokens=16, patience=10
+    )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     finish(fit(str(spec), "--out", str(whole), "--seed", "5"))
 
@@ -80,7 +82,7 @@ def test_a_run_killed_mid_iteration_and_resumed_ends_like_an_uninterrupted_one(t
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
-    spec = tiny_copy("dln1-mpqa", tmp_path, iterations=2)
+    spec = tiny_copy("dln1-mpqa", tmp_path, iterations=2, dev_size=2)
     run = tmp_path / "run"
     process = fit(str(spec), "--out", str(run))
     wait_for(run / "checkpoints" / "iter-0000.yaml", process)
