@@ -34,6 +34,8 @@ from server import CountingProxy, Usage  # noqa: E402
 
 log = logging.getLogger("peers")
 SYSTEMS = ("dlngraph", "dln-reference", "dspy-copro", "dspy-miprov2")
+# not in the default list: dlngraph whose fit keeps an empty per-run response cache
+EXTRA_SYSTEMS = ("dlngraph-fitcache",)
 
 
 @dataclass
@@ -55,8 +57,9 @@ class Row:
 
 
 def peer_command(system: str, args: argparse.Namespace, python: dict[str, str], model: dict[str, str]) -> list[str]:
-    if system == "dlngraph":
-        return [python["dlngraph"], str(HERE / "dlngraph_peer.py"), "--backend", args.dlngraph_backend]
+    if system.startswith("dlngraph"):
+        cache = ["--fit-cache"] if system == "dlngraph-fitcache" else []
+        return [python["dlngraph"], str(HERE / "dlngraph_peer.py"), "--backend", args.dlngraph_backend, *cache]
     if system == "dln-reference":
         return [python["dln"], str(HERE / "dln_reference.py"), "--dln-src", str(args.dln_src),
                 "--tokenizer", model["tokenizer"]]
@@ -64,20 +67,21 @@ def peer_command(system: str, args: argparse.Namespace, python: dict[str, str], 
     return [python["dspy"], str(HERE / "dspy_peer.py"), "--optimizer", optimizer, "--adapter", args.dspy_adapter]
 
 
-def run_one(system: str, task: str, args, budget: Budget, proxy: CountingProxy, python, model, workdir: Path) -> Row:
-    out = workdir / f"{system}-{task}.json"
+def run_one(system: str, task: str, args, budget: Budget, proxy: CountingProxy, python, model, stem: Path) -> Row:
+    """One system on one task; its result and output go to `stem`.json and `stem`.log."""
+    out, output_log = stem.with_suffix(".json"), stem.with_suffix(".log")
     name = model["gguf"] if system == "dln-reference" else model["alias"]
     command = [*peer_command(system, args, python, model), "--task", task, "--base-url", f"{proxy.url}/v1",
                "--model", name, "--out", str(out), *budget.as_args()]
     log.info("running %s", " ".join(command))
     proxy.take()
     started = time.monotonic()
-    with (workdir / f"{system}-{task}.log").open("w") as output:
+    with output_log.open("w") as output:
         code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
     seconds = time.monotonic() - started
     usage: Usage = proxy.take()
     if code != 0 or not out.is_file():
-        tail = (workdir / f"{system}-{task}.log").read_text(errors="replace").strip().splitlines()[-1:]
+        tail = output_log.read_text(errors="replace").strip().splitlines()[-1:]
         return Row(system, task, None, None, usage.calls, usage.prompt_tokens, usage.completion_tokens,
                    seconds, f"failed (exit {code}): {' '.join(tail)[:160]}")
     result = PeerResult.read(out)
@@ -124,7 +128,8 @@ def model_files() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="mpqa", help="comma-separated: " + ",".join(TASKS))
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, in run order")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated, in run order, from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     for name in ("iterations", "proposals", "batch-size", "dev", "test", "seed"):
         parser.add_argument(f"--{name}", type=int, required=name != "seed", default=42)
     parser.add_argument("--dln-src", type=Path, default=Path("/work/peers/dln"))
@@ -147,8 +152,9 @@ def main() -> None:
     with LlamaServer(workdir, threads=args.threads) as llama, CountingProxy(f"http://127.0.0.1:{llama.port}") as proxy:
         model = model_files()
         for task in args.tasks.split(","):
-            for system in args.systems.split(","):
-                rows.append(run_one(system, task, args, budget, proxy, python, model, workdir))
+            for position, system in enumerate(args.systems.split(",")):
+                stem = workdir / f"{task}-{position}-{system}"  # a system may run twice (repeatability)
+                rows.append(run_one(system, task, args, budget, proxy, python, model, stem))
                 log.info("%s", rows[-1])
     finished = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"{finished}: `python benchmarks/peers/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`\n\n"

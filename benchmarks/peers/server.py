@@ -113,7 +113,10 @@ class CountingProxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except BrokenPipeError:  # the client gave up (timeout); the server's work is still counted
+                    log.warning("proxy: client left before the reply to %s", self.path)
 
             do_GET = do_POST = _relay
 
