@@ -268,3 +268,11 @@ def test_router_spreads_calls_and_routes_around_a_failing_deployment() -> None:
         # Cooled down after its first failures (two may be in flight at once); without
         # cooldown about half of the 16 would fail first.
         assert b.errors <= 4
+
+
+def test_probe_skips_an_unreachable_deployment_but_not_all(fake: FakeOpenAI) -> None:
+    dead = "http://127.0.0.1:9/v1"  # discard port: connection refused
+    spec = LiteLLMBackendSpec(model="openai/fake", deployments=[Deployment(api_base=fake.api_base), Deployment(api_base=dead)])
+    assert probe_backend(spec) == frozenset(Capability) - {Capability.KV_ACCESS}
+    with pytest.raises(RuntimeFailure, match="attempts"):
+        probe_backend(LiteLLMBackendSpec(model="openai/fake", deployments=[Deployment(api_base=dead)]))

@@ -188,20 +188,19 @@ def test_two_servers_behind_one_router_both_receive_requests(server: LlamaServer
             concurrency=2, capabilities=["generate"],
         )  # fmt: skip
         backend = LiteLLMBackend(spec)
-        out = backend.generate([GenerateRequest(f"Item {i}:", max_tokens=2) for i in range(16)])
-    assert len(out) == 16
-    assert set(backend.routed) == {server.api_base, second.api_base}
-    assert min(backend.routed.values()) >= 2
+        out = backend.generate([GenerateRequest(f"Item {i}:", max_tokens=2) for i in range(12)])
+    assert len(out) == 12
+    assert set(backend.routed) == {server.api_base, second.api_base}  # each got at least one
 
 
 def test_server_killed_mid_run_and_restarted_finishes_by_retrying(server: LlamaServer, logs: Path, tmp_path: Path) -> None:
     from dlngraph.runner import evaluate
 
-    reference = evaluate(write_spec(tmp_path / "ref", {"api_base": server.api_base}, dev=12), "dev", no_cache=True)
+    reference = evaluate(write_spec(tmp_path / "ref", {"api_base": server.api_base}, dev=8), "dev", no_cache=True)
     flaky = LlamaServer(logs).start()
     try:
         backend = {"api_base": flaky.api_base, "concurrency": 1, "max_retries": 8, "backoff": 0.3}
-        path = write_spec(tmp_path / "spec", backend, dev=12)
+        path = write_spec(tmp_path / "spec", backend, dev=8)
         inner = LiteLLMBackend(LiteLLMBackendSpec(**yaml.safe_load(path.read_text())["backends"]["api"]))
         cache = Cache(tmp_path / "cache")
         done: dict[str, Any] = {}

@@ -114,7 +114,8 @@ def cached_capabilities(spec: LiteLLMBackendSpec) -> frozenset[Capability] | Non
 
 
 def probe_backend(spec: LiteLLMBackendSpec) -> frozenset[Capability]:
-    """Capabilities every endpoint of `spec` has, probing those not on disk yet.
+    """Capabilities every reachable endpoint of `spec` has, probing those not on
+    disk yet; raises only if none answers (the Router routes around a dead one).
     A backend without an endpoint of its own keeps the kind's declaration."""
     known = cached_capabilities(spec)
     if known is not None:
@@ -122,7 +123,17 @@ def probe_backend(spec: LiteLLMBackendSpec) -> frozenset[Capability]:
     points = endpoints(spec)
     if not points:
         return DECLARED["litellm"]
-    found = [probe_endpoint(model, base, key_env, timeout=spec.timeout) for model, base, key_env in points]
+    found: list[Probe] = []
+    failure: RuntimeFailure | None = None
+    for model, base, key_env in points:
+        try:
+            found.append(probe_endpoint(model, base, key_env, timeout=spec.timeout))
+        except RuntimeFailure as exc:
+            log.warning("could not probe %s: %s", base, str(exc).splitlines()[0])
+            failure = exc
+    if not found:
+        assert failure is not None
+        raise failure
     return frozenset.intersection(*(p.capabilities for p in found))
 
 
