@@ -54,6 +54,7 @@ from dlngraph.runtime.metrics import is_correct
 from dlngraph.runtime.plot import plot_curve
 from dlngraph.runtime.rundir import RunDir
 from dlngraph.runtime.tracking import Tracker
+from dlngraph.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Trainer:
         self.needs_posterior = _needs_posterior(plan)
 
     @property
-    def train(self):  # noqa: ANN201 - TrainSpec
+    def train(self) -> TrainSpec:
         return self.plan.spec.train
 
     def parameters(self) -> list[str]:
