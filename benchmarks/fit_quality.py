@@ -67,6 +67,7 @@ def spec_for(task: str, arch: str, args: argparse.Namespace) -> dict:
             "posterior_samples": args.samples,
             "dev_size": args.dev,
             "patience": args.iterations,
+            "proposal_max_tokens": args.proposal_tokens,
             "seed": args.seed,
         },
     }
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--proposals", type=int, default=3)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=12, help="of the DLN-2 reasoning layer")
+    parser.add_argument("--proposal-tokens", type=int, default=48, help="max tokens of a proposed prompt")
     parser.add_argument("--dev", type=int, default=16)
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
@@ -126,7 +128,7 @@ def main() -> None:
                 rows.append(run_one(task, arch, args, Path(tmp)))
                 print(f"done {task} {arch}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'prompts'})}", flush=True)
     print(f"\nsettings: iterations={args.iterations} B={args.batch_size} N={args.proposals} K={args.samples} "
-          f"dev={args.dev} test={args.test} seed={args.seed} (embedded SmolLM2-135M, CPU)")
+          f"proposal tokens={args.proposal_tokens} dev={args.dev} test={args.test} seed={args.seed} (embedded SmolLM2-135M, CPU)")
     header = f"{'task':<11}{'arch':<6}{'dev init':>9}{'dev fit':>9}{'test init':>10}{'test fit':>9}{'calls':>7}{'tokens':>9}{'seconds':>9}"
     print(header)
     for r in rows:
