@@ -52,7 +52,11 @@ for _name in _COMMANDS:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode typer returns (not raises) the code of an Exit,
+        # including the 130 it makes of a KeyboardInterrupt.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except DlngraphError as exc:
         typer.echo(exc.render(), err=True)
         sys.exit(exc.exit_code)
