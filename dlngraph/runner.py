@@ -10,19 +10,17 @@ checkpoint (YAML with a top-level `prompts: {node: prompt}` mapping).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime.checkpoint import load_yaml, write_atomic
 
 SpecLike = str | Path | ExecutionPlan
 
@@ -70,12 +68,7 @@ def open_backends(
 def load_checkpoint(path: str | Path) -> dict[str, str]:
     """The `prompts` mapping of a checkpoint file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot read checkpoint {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise RuntimeFailure(f"checkpoint {path} is not valid YAML: {exc}") from exc
+    data = load_yaml(path)
     prompts = data.get("prompts") if isinstance(data, dict) else None
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise RuntimeFailure(
@@ -196,12 +189,7 @@ def _prediction(
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Atomic: a crash never leaves half a predictions file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
 
 
 def _close_all(backends: Mapping[str, Backend]) -> None:

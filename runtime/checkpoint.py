@@ -17,12 +17,13 @@ import yaml
 from dlngraph.errors import RuntimeFailure
 
 
-def write_yaml(path: Path, data: dict[str, Any]) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=True, allow_unicode=True, width=100)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,13 +32,22 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, yaml.safe_dump(data, sort_keys=True, allow_unicode=True, width=100))
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file; unreadable or malformed files are a RuntimeFailure."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RuntimeFailure(f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise RuntimeFailure(f"{path} is not valid YAML: {exc}") from exc
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise RuntimeFailure(f"{path} does not hold a mapping")
     return data
