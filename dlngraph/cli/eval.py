@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dlngraph.cli.run import CACHE, CHECKPOINT, NO_CACHE
+from dlngraph.cli.options import CACHE, CHECKPOINT, NO_CACHE
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dlngraph.cli.options import CACHE, NO_CACHE
+
 log = logging.getLogger(__name__)
 
 
@@ -67,8 +69,8 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None, "--seed", help="Override train.seed."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the projected cost and stop."),
         iterations: int | None = typer.Option(None, "--iterations", min=0, help="Override train.iterations."),
-        cache: Path | None = typer.Option(None, "--cache", help="Response cache directory."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Call the model for every request."),
+        cache: Path | None = CACHE,
+        no_cache: bool = NO_CACHE,
     ) -> None:
         """Train the prompts of SPEC; prints the projected calls and tokens before the first call."""
         from dlngraph.api import compile_spec

@@ -8,10 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-# Options `run` and `eval` share.
-CHECKPOINT = typer.Option(None, "--checkpoint", help="Learned prompts (YAML from `fit`).")
-CACHE = typer.Option(None, "--cache", help="Response cache directory.")
-NO_CACHE = typer.Option(False, "--no-cache", help="Call the model for every request.")
+from dlngraph.cli.options import CACHE, CHECKPOINT, NO_CACHE
 
 
 def register(app: typer.Typer) -> None:

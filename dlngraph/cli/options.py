@@ -1,0 +1,9 @@
+"""Options several subcommands share, defined once so their flags and help agree."""
+
+from __future__ import annotations
+
+import typer
+
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Learned prompts (YAML from `fit`).")
+CACHE = typer.Option(None, "--cache", help="Response cache directory.")
+NO_CACHE = typer.Option(False, "--no-cache", help="Call the model for every request.")
