@@ -19,6 +19,8 @@ from dlngraph.cli.init import Template
 from dlngraph.spec import Spec
 
 CLI = [sys.executable, "-m", "dlngraph"]
+# The console script installed beside this interpreter; CI does not put the venv on PATH.
+SCRIPT = str(Path(sys.executable).with_name("dlngraph"))
 
 
 def _lines(path: Path) -> list[dict]:
@@ -105,11 +107,11 @@ def test_version_matches_the_installed_distribution() -> None:
 def test_shell_completion_offers_commands_and_templates() -> None:
     def complete(words: str, cword: int) -> list[str]:
         env = {**os.environ, "_DLNGRAPH_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
-        proc = subprocess.run(["dlngraph"], env=env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([SCRIPT], env=env, capture_output=True, text=True, timeout=60)
         return proc.stdout.split()
 
     assert {"init", "doctor", "report"} <= set(complete("dlngraph ", 1))
     assert complete("dlngraph in", 1) == ["init"]
     assert complete("dlngraph init x --template d", 4) == ["dln1", "dln2", "deep-thinking"]
-    script = subprocess.run(["dlngraph", "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    script = subprocess.run([SCRIPT, "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
     assert "_DLNGRAPH_COMPLETE=complete_bash" in script.stdout
