@@ -134,6 +134,28 @@ class Cache:
                 self._conn = None
 
 
+class MemoryCache:
+    """The store behind `--no-cache`: a dict that lives as long as the run.
+
+    Nothing is read from or written to disk, so no answer outlives the process; an
+    identical request within the run (a dev evaluation of unchanged prompts, the
+    current prompt scored again as candidate 0) is answered once, as the DLN
+    reference's in-run memo does. Same interface as `Cache` for `CachedBackend`.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        with self._lock:
+            return {k: self._entries[k] for k in keys if k in self._entries}
+
+    def put_many(self, kind: str, identity: str, op: str, items: dict[str, str]) -> None:
+        with self._lock:
+            self._entries.update(items)
+
+
 def _encode(result: Generation | Score) -> str:
     return json.dumps(dataclasses.asdict(result), sort_keys=True)
 
@@ -157,7 +179,7 @@ class CachedBackend:
     the inner calls actually made.
     """
 
-    def __init__(self, inner: Backend, cache: Cache) -> None:
+    def __init__(self, inner: Backend, cache: Cache | MemoryCache) -> None:
         self.inner = inner
         self.cache = cache
         self.kind = inner.kind

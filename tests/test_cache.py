@@ -13,7 +13,7 @@ import pytest
 
 from dlngraph.capabilities import Capability
 from dlngraph.runtime.backends.base import BackendBase, GenerateRequest, Generation, Score, ScoreRequest
-from dlngraph.runtime.cache import Cache, CachedBackend, request_key
+from dlngraph.runtime.cache import Cache, CachedBackend, MemoryCache, request_key
 
 
 class EchoBackend(BackendBase):
@@ -102,6 +102,22 @@ def test_stats_and_clear(response_cache: Cache) -> None:
     assert [(g["op"], g["entries"]) for g in stats["groups"]] == [("generate", 1), ("score", 4)]
     assert response_cache.clear() == 5
     assert response_cache.stats()["entries"] == 0
+
+
+def test_no_cache_memo_dedupes_within_a_run_and_touches_no_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLNGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    inner = EchoBackend()
+    backend = CachedBackend(inner, MemoryCache())
+    first = backend.score([ScoreRequest("a", "c"), ScoreRequest("b", "c")])
+    again = backend.score([ScoreRequest("b", "c"), ScoreRequest("a", "c"), ScoreRequest("z", "c")])
+    assert again[:2] == first[::-1]
+    assert [[r.prompt for r in batch] for batch in inner.batches] == [["a", "b"], ["z"]]
+    assert backend.usage.requests == 5 and backend.usage.cache_hits == 2 and backend.usage.calls == 2
+    # a new run starts empty: nothing outlived the first
+    fresh = EchoBackend()
+    CachedBackend(fresh, MemoryCache()).score([ScoreRequest("a", "c")])
+    assert len(fresh.batches) == 1
+    assert not any(tmp_path.rglob("*.sqlite"))
 
 
 WRITER = textwrap.dedent(

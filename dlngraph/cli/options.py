@@ -6,4 +6,4 @@ import typer
 
 CHECKPOINT = typer.Option(None, "--checkpoint", help="Learned prompts (YAML from `fit`).")
 CACHE = typer.Option(None, "--cache", help="Response cache directory.")
-NO_CACHE = typer.Option(False, "--no-cache", help="Call the model for every request.")
+NO_CACHE = typer.Option(False, "--no-cache", help="Use no on-disk cache: every answer comes from the model (a request repeated within the run is sent once).")

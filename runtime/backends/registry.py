@@ -12,7 +12,7 @@ from typing import Any
 
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend
-from dlngraph.runtime.cache import Cache, CachedBackend
+from dlngraph.runtime.cache import Cache, CachedBackend, MemoryCache
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def backend_class(kind: str) -> type:
         raise RuntimeFailure(f"backend kind '{kind}' could not be imported: {exc}") from exc
 
 
-def create_backend(name: str, backend_spec: Any, *, cache: Cache | None) -> Backend:
+def create_backend(name: str, backend_spec: Any, *, cache: Cache | MemoryCache | None) -> Backend:
     """Build the backend `name` of a spec, wrapped with `cache` unless it is None."""
     backend = backend_class(backend_spec.kind)(backend_spec)
     log.info("backend %s: %s (%s)", name, backend_spec.kind, backend.identity)
