@@ -77,13 +77,17 @@ def run_one(system: str, task: str, args, budget: Budget, proxy: CountingProxy, 
     proxy.take()
     started = time.monotonic()
     with output_log.open("w") as output:
-        code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        try:
+            code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:  # its row says so; the other systems still run
+            code = None
     seconds = time.monotonic() - started
     usage: Usage = proxy.take()
     if code != 0 or not out.is_file():
         tail = output_log.read_text(errors="replace").strip().splitlines()[-1:]
+        why = f"stopped after the {args.timeout:.0f} s limit" if code is None else f"failed (exit {code})"
         return Row(system, task, None, None, usage.calls, usage.prompt_tokens, usage.completion_tokens,
-                   seconds, f"failed (exit {code}): {' '.join(tail)[:160]}")
+                   seconds, f"{why}: {' '.join(tail)[:160]}")
     result = PeerResult.read(out)
     return Row(result.system, task, result.initial_test_acc, result.final_test_acc, usage.calls,
                usage.prompt_tokens, usage.completion_tokens, seconds,
@@ -131,7 +135,7 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated, in run order, from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     for name in ("iterations", "proposals", "batch-size", "dev", "test", "seed"):
-        parser.add_argument(f"--{name}", type=int, required=name != "seed", default=42)
+        parser.add_argument(f"--{name}", type=int, required=name != "seed" and "--merge" not in sys.argv, default=42)
     parser.add_argument("--dln-src", type=Path, default=Path("/work/peers/dln"))
     parser.add_argument("--peers-venv", type=Path, default=Path("/work/peers-venv"))
     parser.add_argument("--dspy-adapter", default="lenient", choices=("chat", "lenient"))
@@ -139,6 +143,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp server threads")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per system run")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep logs, results.json and table.md here")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="OUT_DIR",
+                        help="print one table from the results.json of earlier runs (e.g. lanes run side by side)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     budget = Budget(args.iterations, args.proposals, args.batch_size, args.dev, args.test, args.seed)
@@ -146,6 +152,9 @@ def main() -> None:
               "dspy": str(args.peers_venv / "dspy" / "bin" / "python")}
     from tests.servers import LlamaServer
 
+    if args.merge:
+        print(table([Row(**row) for d in args.merge for row in json.loads((d / "results.json").read_text())]))
+        return
     workdir = args.out_dir or Path(tempfile.mkdtemp(prefix="peers-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -156,10 +165,11 @@ def main() -> None:
                 stem = workdir / f"{task}-{position}-{system}"  # a system may run twice (repeatability)
                 rows.append(run_one(system, task, args, budget, proxy, python, model, stem))
                 log.info("%s", rows[-1])
+                # after every system, so an interrupted driver keeps what it measured
+                (workdir / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
     finished = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"{finished}: `python benchmarks/peers/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`\n\n"
             f"budget: {asdict(budget)}\n\n{table(rows)}\n")
-    (workdir / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
     (workdir / "table.md").write_text(text, encoding="utf-8")
     print(text)
     print(f"logs and results: {workdir}")
