@@ -42,11 +42,13 @@ def fit(
     iterations: int | None = None,
     cache_dir: str | Path | None = None,
     no_cache: bool = False,
+    mlflow: bool = False,
     plan: ExecutionPlan | None = None,
     backends: Any = None,
     events: Any = None,
 ):  # -> FitResult
-    """Train the spec's prompts; returns a `FitResult` (run dir, last and best prompts)."""
+    """Train the spec's prompts; returns a `FitResult` (run dir, last and best prompts).
+    `mlflow` logs to MLflow even when the spec has no `tracking.mlflow`."""
     from dlngraph.api import compile_spec
     from dlngraph.runner import open_backends
     from dlngraph.runtime.rundir import RunDir, default_path
@@ -64,7 +66,7 @@ def fit(
             )
     else:
         run = RunDir.create(Path(out) if out is not None else default_path(plan.name), plan)
-    tracker = make_tracker(plan.spec, run_name=run.path.name)
+    tracker = make_tracker(plan.spec, mlflow=mlflow, run_name=run.path.name)
     with ExitStack() as stack:
         if backends is None:
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)

@@ -107,7 +107,8 @@ def test_mlflow_run_has_params_metrics_and_artifacts(
 
 @pytest.mark.model
 def test_fit_logs_to_an_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real 1-iteration fit of the DLN-1 scaffold with `tracking.mlflow` in its spec."""
+    """A real 1-iteration fit of the DLN-1 scaffold, `dlngraph fit --mlflow`, the store named
+    by MLFLOW_TRACKING_URI (the spec's `tracking.mlflow` path is covered above)."""
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
     import yaml
     from mlflow.tracking import MlflowClient
@@ -116,17 +117,17 @@ def test_fit_logs_to_an_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     spec_path = tmp_path / "net" / "spec.yaml"
     main(["init", str(spec_path.parent)])
     spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
     spec["train"].update(batch_size=2, prompt_proposals=2, dev_size=4)
-    spec["tracking"] = {"mlflow": {"tracking_uri": uri, "experiment": "first-hour"}}
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     run_dir = tmp_path / "run"
-    main(["fit", str(spec_path), "--iterations", "1", "--out", str(run_dir), "--cache", str(tmp_path / "cache")])
+    main(["fit", str(spec_path), "--iterations", "1", "--out", str(run_dir), "--cache", str(tmp_path / "cache"), "--mlflow"])
 
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("first-hour").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(spec["name"]).experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params["train.prompt_proposals"] == "2" and run.data.params["nodes"] == "answer"
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "dev_acc")}

@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
             "Examples:\n\n"
             "  dlngraph fit specs/dln1-mpqa.yaml --dry-run\n\n"
             "  dlngraph fit specs/dln2-subj.yaml --out runs/subj --seed 1 --iterations 2\n\n"
-            "  dlngraph fit specs/dln2-subj.yaml --resume runs/subj"
+            "  dlngraph fit specs/dln2-subj.yaml --resume runs/subj\n\n"
+            "  MLFLOW_TRACKING_URI=sqlite:///mlflow.db dlngraph fit specs/dln1-mpqa.yaml --mlflow"
         ),
     )
     def fit_cmd(
@@ -71,6 +72,10 @@ def register(app: typer.Typer) -> None:
         iterations: int | None = typer.Option(None, "--iterations", min=0, help="Override train.iterations."),
         cache: Path | None = CACHE,
         no_cache: bool = NO_CACHE,
+        mlflow: bool = typer.Option(
+            False, "--mlflow",
+            help="Log to MLflow (needs dlngraph[mlflow]); the store is the spec's tracking.mlflow or MLFLOW_TRACKING_URI.",
+        ),
     ) -> None:
         """Train the prompts of SPEC; prints the projected calls and tokens before the first call."""
         from dlngraph.api import compile_spec
@@ -101,6 +106,7 @@ def register(app: typer.Typer) -> None:
                     iterations=iterations,
                     cache_dir=cache,
                     no_cache=no_cache,
+                    mlflow=mlflow,
                     plan=plan,
                     events=_Bars(progress),
                 )
