@@ -210,6 +210,17 @@ NodeSpec = Annotated[
 # --------------------------------------------------------------------------- training
 
 
+# One per proposal, in turn: a small model asked N times for "an improved
+# instruction" mostly copies the current one; asking for different edits
+# (the DLN reference's message alternatives) gives candidates that differ.
+PROPOSAL_DIRECTIVES = (
+    "Clarify the instruction by adding a few words or a short sentence.",
+    "Shorten the instruction by removing words that do not help.",
+    "Rewrite the instruction in other words, so that it cannot be misread.",
+    "Add to the instruction a short hint, learned from the examples, on how to decide.",
+)
+
+
 class TrainSpec(_Model):
     """Hyperparameters of `dlngraph fit`; defaults follow the DLN paper."""
 
@@ -221,6 +232,11 @@ class TrainSpec(_Model):
     posterior_temperature: float = Field(1.0, gt=0.0)
     meta_examples: int = Field(5, ge=1, description="successes/failures shown in the meta-prompt")
     proposal_max_tokens: int = Field(96, ge=8)
+    proposal_directives: list[str] = Field(
+        default_factory=lambda: list(PROPOSAL_DIRECTIVES),
+        min_length=1,
+        description="how to rewrite: proposal j asks for directive j mod len (diverse edits, as DLN's messages)",
+    )
     eval_every: int = Field(1, ge=1)
     dev_size: int | None = Field(None, ge=1, description="dev examples per evaluation (all if omitted)")
     patience: int = Field(5, ge=1)

@@ -148,13 +148,20 @@ def meta_sample(attempts: Sequence[Attempt], count: int, rng: random.Random) -> 
 def proposal_requests(
     backend: str, prompt: str, attempts: Sequence[Attempt], train: TrainSpec, rng: random.Random, seed: int
 ) -> Deferred[list[str]]:
-    """N-1 proposals from one meta-prompt; the answer is the current prompt plus
-    every distinct non-empty proposal (identical proposals would be scored twice)."""
+    """N-1 proposals from one meta-prompt, proposal j asking for directive j (in
+    turn); the answer is the current prompt plus every distinct non-empty
+    proposal (identical proposals would be scored twice)."""
     successes, failures = meta_sample(attempts, train.meta_examples, rng)
-    text = render_meta("proposal.jinja", prompt=prompt, successes=successes, failures=failures)
+    directives = train.proposal_directives
     requests = [
         GenerateRequest(
-            prompt=text,
+            prompt=render_meta(
+                "proposal.jinja",
+                prompt=prompt,
+                successes=successes,
+                failures=failures,
+                directive=directives[j % len(directives)],
+            ),
             max_tokens=train.proposal_max_tokens,
             temperature=train.backward_temperature,
             stop=PROPOSAL_STOP,

@@ -16,13 +16,15 @@ import pytest
 import yaml
 
 from dlngraph.api import compile_spec
-from dlngraph.runtime.backends.base import GenerateRequest, ScoreRequest
+from dlngraph.spec import TrainSpec
+from dlngraph.runtime.backends.base import GenerateRequest, Generation, ScoreRequest
 from dlngraph.runtime.backward import (
     Attempt,
     TargetScore,
     meta_sample,
     posterior_logits,
     posterior_weights,
+    proposal_requests,
     render_meta,
     select_candidate,
 )
@@ -43,16 +45,27 @@ def test_proposal_meta_prompt_shows_prompt_successes_and_failures():
         prompt="Classify the review.",
         successes=[Attempt("great film", "positive", "positive")],
         failures=[Attempt("dull plot", "positive", "negative")],
+        directive="Shorten it.",
     )
-    assert "Classify the review." in text
+    assert "Classify the review." in text and "Shorten it. Write the new instruction" in text
     assert "Input: great film\nCorrect output: positive" in text
     assert "Input: dull plot\nStudent output: positive\nCorrect output: negative" in text
     assert text.rstrip().endswith("## Improved instruction")
 
 
 def test_proposal_meta_prompt_without_failures_has_no_error_section():
-    text = render_meta("proposal.jinja", prompt="p", successes=[Attempt("a", "x", "x")], failures=[])
+    text = render_meta("proposal.jinja", prompt="p", successes=[Attempt("a", "x", "x")], failures=[], directive="d")
     assert "got wrong" not in text and "got right" in text
+
+
+def test_each_proposal_asks_for_the_next_directive_and_copies_are_dropped():
+    train = TrainSpec(prompt_proposals=4, proposal_directives=["Shorten it.", "Clarify it."])
+    deferred = proposal_requests("b", "Classify.", [Attempt("x", "no", "yes")], train, random.Random(0), seed=1)
+    asked = [next(d for d in train.proposal_directives if d in r.prompt) for r in deferred.requests]
+    assert asked == ["Shorten it.", "Clarify it.", "Shorten it."]
+    assert len({r.seed for r in deferred.requests}) == 3  # same directive, different sample
+    generations = [Generation(texts=(t,)) for t in ("Short.", " Classify. ", "Short.")]
+    assert deferred.decode(generations) == ["Classify.", "Short."]
 
 
 def test_posterior_meta_prompt_lists_every_child_target():

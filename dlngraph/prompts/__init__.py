@@ -12,13 +12,14 @@ from functools import cache
 from pathlib import Path
 
 # proposal: a DLN-1 step. `prompt` is the current instruction; `successes` and
-# `failures` are lists of {"input", "output", "target"} from the mini-batch.
+# `failures` are lists of {"input", "output", "target"} from the mini-batch;
+# `directive` says which kind of edit this proposal should make.
 # posterior: a hidden node's posterior sample. `prompt` is its instruction,
 # `input` what it read, `output` what it wrote, `targets` a list of
 # {"node", "target"}: what each child node should produce.
 TEMPLATES: dict[str, frozenset[str]] = {
     "posterior.jinja": frozenset({"prompt", "input", "output", "targets"}),
-    "proposal.jinja": frozenset({"prompt", "successes", "failures"}),
+    "proposal.jinja": frozenset({"prompt", "successes", "failures", "directive"}),
 }
 
 
