@@ -78,7 +78,11 @@ def _profile(path: Path) -> tuple[FieldProfile, tuple[int, str, str] | None]:
         return _empty(path), (1, "", "the file has no rows")
     means = {k: totals[k] / counts[k] for k in sorted(totals)}
     everywhere = tuple(k for k in sorted(counts) if counts[k] == len(sampled))
-    return FieldProfile(path=path, rows=len(rows), mean_chars=means, fields=everywhere), None
+    first_without = {
+        k: next(number for (number, _), row in zip(rows, sampled) if k not in row)
+        for k in sorted(counts) if k not in everywhere
+    }
+    return FieldProfile(path=path, rows=len(rows), mean_chars=means, fields=everywhere, first_without=first_without), None
 
 
 def _empty(path: Path) -> FieldProfile:
@@ -115,7 +119,8 @@ def _missing_fields(spec: Spec, source: Source, split: str, profile: FieldProfil
         out.append(
             source.diagnostic(
                 "E502",
-                f"field '{field}' is not in every row of the {split} data ({path.name})",
+                (f"field '{field}' is missing from line {profile.first_without[field]} of the {split} data ({path.name})"
+                 if field in profile.first_without else f"field '{field}' is in no row of the {split} data ({path.name})"),
                 span,
                 node=node,
                 hint=f"fields in every row of {path.name}: {', '.join(profile.fields) or 'none'}",

@@ -63,6 +63,7 @@ class FieldProfile:
     rows: int
     mean_chars: dict[str, float]  # over the sampled rows that have the field
     fields: tuple[str, ...]  # fields present in every sampled row
+    first_without: dict[str, int] = field(default_factory=dict)  # a field in some rows -> first line lacking it
 
 
 @dataclass(frozen=True)
