@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,17 +69,11 @@ def test_accuracy(spec: Path, checkpoint: Path | None) -> float:
     return evaluate(spec, "test", checkpoint=checkpoint, no_cache=True).score
 
 
-def fit(spec: Path, run_dir: Path, fit_cache: bool) -> Path:
-    """`dlngraph fit` as a user runs it; returns the best checkpoint.
-
-    Without `fit_cache` every request reaches the server (`--no-cache`); with it
-    the fit starts from an empty response cache of its own, so it never sends
-    the same request twice within the run (as the DLN reference's in-run memo
-    of scored contexts and evaluated prompts does) but reuses nothing from
-    before it.
-    """
-    cache = ["--cache", str(run_dir.parent / "fit-cache")] if fit_cache else ["--no-cache"]
-    subprocess.run([sys.executable, "-m", "dlngraph", "fit", str(spec), "--out", str(run_dir), *cache], check=True)
+def fit(spec: Path, run_dir: Path) -> Path:
+    """`dlngraph fit` as a user runs it; returns the best checkpoint. `--no-cache`:
+    nothing is read from or written to disk; a request repeated within the run is
+    sent once (as the DLN reference's in-run memo of scored contexts does)."""
+    subprocess.run([sys.executable, "-m", "dlngraph", "fit", str(spec), "--out", str(run_dir), "--no-cache"], check=True)
     return run_dir / "best.yaml"
 
 
@@ -86,7 +81,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_budget_args(parser)
     parser.add_argument("--backend", default="litellm", choices=("litellm", "torch"))
-    parser.add_argument("--fit-cache", action="store_true", help="fit with an empty per-run response cache")
     args = parser.parse_args()
     budget = budget_from(args)
     task = TASKS[args.task]
@@ -95,11 +89,12 @@ def main() -> None:
         spec.write_text(spec_text(task, budget, write_subsets(task.name, budget, Path(tmp) / "data"),
                                   backend_entry(args)), encoding="utf-8")
         initial = test_accuracy(spec, None)
-        best = fit(spec, Path(tmp) / "run", args.fit_cache)
+        best = fit(spec, Path(tmp) / "run")
         final = test_accuracy(spec, best)
         prompt = load_checkpoint(best)["answer"]
-    suffix = (" (per-run fit cache)" if args.fit_cache else "") + (
-        "" if args.backend == "litellm" else " (torch backend, not like-for-like)")
+        # the run directory (metrics, checkpoints, predictions) stays beside the result
+        shutil.copytree(Path(tmp) / "run", args.out.with_suffix(".run"), dirs_exist_ok=True)
+    suffix = "" if args.backend == "litellm" else " (torch backend, not like-for-like)"
     PeerResult(system="dlngraph" + suffix, task=task.name, initial_test_acc=initial, final_test_acc=final,
                final_prompt=prompt).write(args.out)
 

@@ -34,8 +34,6 @@ from server import CountingProxy, Usage  # noqa: E402
 
 log = logging.getLogger("peers")
 SYSTEMS = ("dlngraph", "dln-reference", "dspy-copro", "dspy-miprov2")
-# not in the default list: dlngraph whose fit keeps an empty per-run response cache
-EXTRA_SYSTEMS = ("dlngraph-fitcache",)
 
 
 @dataclass
@@ -58,8 +56,7 @@ class Row:
 
 def peer_command(system: str, args: argparse.Namespace, python: dict[str, str], model: dict[str, str]) -> list[str]:
     if system.startswith("dlngraph"):
-        cache = ["--fit-cache"] if system == "dlngraph-fitcache" else []
-        return [python["dlngraph"], str(HERE / "dlngraph_peer.py"), "--backend", args.dlngraph_backend, *cache]
+        return [python["dlngraph"], str(HERE / "dlngraph_peer.py"), "--backend", args.dlngraph_backend]
     if system == "dln-reference":
         return [python["dln"], str(HERE / "dln_reference.py"), "--dln-src", str(args.dln_src),
                 "--tokenizer", model["tokenizer"]]
@@ -133,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="mpqa", help="comma-separated: " + ",".join(TASKS))
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma-separated, in run order, from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
+                        help=f"comma-separated, in run order, from {', '.join(SYSTEMS)}")
     for name in ("iterations", "proposals", "batch-size", "dev", "test", "seed"):
         parser.add_argument(f"--{name}", type=int, required=name != "seed" and "--merge" not in sys.argv, default=42)
     parser.add_argument("--dln-src", type=Path, default=Path("/work/peers/dln"))
