@@ -139,9 +139,10 @@ def _diagnostic(source: Source, error: dict, path: PathKey, raw: tuple) -> Diagn
             node=node,
             hint="quote strings that look like numbers or booleans; `dlngraph schema` shows each key's type",
         )
+    described = _description_at(raw)
     return source.diagnostic(
         "E104", f"{where}: {message}", source.value_span(path), node=node,
-        hint="see `dlngraph schema` for the allowed values",
+        hint=f"`{path[-1]}`: {described}" if described else "see `dlngraph schema` for the allowed values",
     )  # fmt: skip
 
 
@@ -180,6 +181,18 @@ def _fields_at(raw_loc: tuple) -> list[str]:
             return []
     model = _as_model(annotation)
     return list(model.model_fields) if model else []
+
+
+def _description_at(raw_loc: tuple) -> str | None:
+    """The spec model's description of the field a pydantic loc ends at, if it has one."""
+    annotation: Any = Spec
+    for element in raw_loc[:-1]:
+        annotation = _step(annotation, element)
+        if annotation is None:
+            return None
+    model = _as_model(annotation)
+    info = model.model_fields.get(str(raw_loc[-1])) if model and raw_loc else None
+    return info.description if info else None
 
 
 def _step(annotation: Any, element: str | int) -> Any:

@@ -162,7 +162,8 @@ class LayerNode(_Model):
 class Demonstrations(_Model):
     """Where a Deep-Thinking node takes its demonstrations from."""
 
-    split: Literal["train", "dev", "test"] = "train"
+    # Never test: demonstrations seen by the node would be scored as unseen.
+    split: Literal["train", "dev"] = Field("train", description="split the demonstrations are drawn from (not test)")
     count: int = Field(8, ge=1, le=256)
     seed: int = 0
     examples: list[dict[str, str]] | None = Field(
