@@ -47,10 +47,11 @@ def test_proposal_meta_prompt_shows_prompt_successes_and_failures():
         failures=[Attempt("dull plot", "positive", "negative")],
         directive="Shorten it.",
     )
-    assert "Classify the review." in text and "Shorten it. Write the new instruction" in text
+    assert "> Classify the review." in text and "Shorten it. Write only the new instruction" in text
     assert "Input: great film\nCorrect output: positive" in text
     assert "Input: dull plot\nStudent output: positive\nCorrect output: negative" in text
-    assert text.rstrip().endswith("## Improved instruction")
+    # the open quote primes a small model to write the instruction itself (a bare heading got empty replies)
+    assert text.endswith("## Improved instruction\n>")
 
 
 def test_proposal_meta_prompt_without_failures_has_no_error_section():
@@ -75,8 +76,11 @@ def test_posterior_meta_prompt_lists_every_child_target():
         input="the input",
         output="old reasoning",
         targets=[{"node": "answer", "target": "positive"}, {"node": "topic", "target": "films"}],
+        forward="Reason.\n\nthe input\nReasoning: It",
     )
     assert "old reasoning" in text and "answer: positive\ntopic: films" in text
+    # a sample continues the node's own prompt, in the form its forward output has
+    assert text.endswith("## Better intermediate step\nReason.\n\nthe input\nReasoning: It")
 
 
 def test_meta_sample_gives_failures_at_least_half_and_respects_count():

@@ -16,9 +16,11 @@ from pathlib import Path
 # `directive` says which kind of edit this proposal should make.
 # posterior: a hidden node's posterior sample. `prompt` is its instruction,
 # `input` what it read, `output` what it wrote, `targets` a list of
-# {"node", "target"}: what each child node should produce.
+# {"node", "target"}: what each child node should produce; `forward` the node's
+# own rendered template, last, so a sample continues it in the form a forward
+# output has (after a bare heading the small model wrote nothing).
 TEMPLATES: dict[str, frozenset[str]] = {
-    "posterior.jinja": frozenset({"prompt", "input", "output", "targets"}),
+    "posterior.jinja": frozenset({"prompt", "input", "output", "targets", "forward"}),
     "proposal.jinja": frozenset({"prompt", "successes", "failures", "directive"}),
 }
 

@@ -91,6 +91,7 @@ def posterior_samples(
             input=shown_input(spec.template, row, node=node.name),
             output=out,
             targets=[{"node": child, "target": target} for child, target in targets],
+            forward=render(spec.template, prompt, row, node=node.name),
         )
         requests += [
             GenerateRequest(
