@@ -71,6 +71,20 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(torch_back
     assert reseeded[0].texts != first[0].texts
 
 
+def test_rows_sharing_a_prompt_are_prefilled_once_with_unchanged_samples(
+    torch_backend: TorchBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = "Write a short reason why the film was good:"
+    requests = [GenerateRequest(prompt, 10, 0.8, seed=s) for s in (1, 2, 3)] + [GenerateRequest("Name a fruit:", 6)]
+    alone = [torch_backend.generate([r])[0] for r in requests]
+    widths: list[tuple[int, int]] = []
+    hidden = torch_backend._hidden
+    monkeypatch.setattr(torch_backend, "_hidden", lambda ids, *a: widths.append(tuple(ids.shape)) or hidden(ids, *a))
+    together = torch_backend.generate(requests)
+    assert widths[0][0] == 2 and all(rows == 4 for rows, _ in widths[1:])  # 2 distinct prompts prefilled, 4 rows decoded
+    assert together == alone
+
+
 def test_greedy_generation_honours_stop_and_max_tokens(torch_backend: TorchBackend) -> None:
     listing = GenerateRequest("Three fruits:\n1. apple\n2.", max_tokens=30, stop=("\n",))
     short = GenerateRequest("Count: one, two, three,", max_tokens=3)

@@ -296,11 +296,20 @@ class TorchBackend(BackendBase):
         requests: list[GenerateRequest],
         prompts: list[tuple[int, ...]],
     ) -> dict[tuple[int, int], tuple[str, int]]:
-        """Decode a left-padded batch token by token. Each sampled row has its own
-        seeded generator, so its sample does not depend on the batch around it."""
+        """Decode a left-padded batch token by token. Rows sharing a prompt (the
+        samples of a request, the K posterior samples of an example) prefill it once;
+        its cache is copied to each of them. Each sampled row has its own seeded
+        generator, so its sample does not depend on the batch around it."""
         reqs = [requests[i] for i, _ in rows]
-        ids, mask = self._pad([prompts[i] for i, _ in rows], left=True)
+        distinct = sorted({prompts[i] for i, _ in rows})
+        ids, mask = self._pad(distinct, left=True)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden, cache = self._hidden(ids, mask, positions, None)
+        row_of = {prompt: n for n, prompt in enumerate(distinct)}
+        expand = torch.tensor([row_of[prompts[i]] for i, _ in rows])
+        cache = select_cache(cache, expand.to(self.device))
+        mask, positions = mask[expand], positions[expand]
+        logprobs = self._logprobs(hidden[:, -1]).cpu()[expand]
         generators = [
             torch.Generator().manual_seed((r.seed * 1_000_003 + k) % (1 << 63)) for r, (_, k) in zip(reqs, rows)
         ]
@@ -308,10 +317,7 @@ class TorchBackend(BackendBase):
         produced: list[list[int]] = [[] for _ in rows]
         texts = ["" for _ in rows]
         done = [False] * len(rows)
-        cache = None
         for _step in range(max(r.max_tokens for r in reqs)):
-            hidden, cache = self._hidden(ids, mask, positions, cache)
-            logprobs = self._logprobs(hidden[:, -1]).cpu()
             step = torch.full((len(rows),), self.tokenizer.pad_token_id, dtype=torch.long)
             for b, r in enumerate(reqs):
                 if done[b]:
@@ -328,7 +334,8 @@ class TorchBackend(BackendBase):
                 break
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            ids = step[:, None]
+            hidden, cache = self._hidden(step[:, None], mask, positions, cache)
+            logprobs = self._logprobs(hidden[:, -1]).cpu()
         return {row: (texts[b], len(produced[b])) for b, row in enumerate(rows)}
 
 
