@@ -40,7 +40,7 @@ def spec_text(task: Task, budget: Budget, data: dict[str, Path], backend: dict) 
                 "prompt": task.instruction,
                 # DLN's classify_forward:3.0 template, as the reference renders it
                 "template": "{{ prompt }}\n\n{{ input }}\n\nAnswer:",
-                "output": {"type": "choice", "choices": list(task.labels)},
+                "output": {"type": "choice", "choices": choices(task)},
             }
         },
         "outputs": {"answer": "target"},
@@ -55,6 +55,24 @@ def spec_text(task: Task, budget: Budget, data: dict[str, Path], backend: dict) 
         },
     }
     return json.dumps(spec, indent=1)  # JSON is YAML
+
+
+def choices(task: Task) -> list[str]:
+    """The labels as the spec's choices. A BBH letter '(A)' is several tokens, which
+    this server cannot score (its echo log-probs are shifted): the letter is scored."""
+    return [label.strip("()") for label in task.labels] if task.letters else list(task.labels)
+
+
+def subsets(task: Task, budget: Budget, directory: Path) -> dict[str, Path]:
+    """The shared subsets; for letter tasks the targets become the bare letters the
+    choices name (the same examples, and DLN's rule already equates '(A)' and 'A')."""
+    paths = write_subsets(task.name, budget, directory)
+    if task.letters:
+        for path in paths.values():
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            path.write_text("".join(json.dumps({**r, "target": r["target"].strip("()")}) + "\n" for r in rows),
+                            encoding="utf-8")
+    return paths
 
 
 def backend_entry(args) -> dict:
@@ -86,7 +104,7 @@ def main() -> None:
     task = TASKS[args.task]
     with tempfile.TemporaryDirectory(prefix="dlngraph-peer-") as tmp:
         spec = Path(tmp) / "spec.yaml"
-        spec.write_text(spec_text(task, budget, write_subsets(task.name, budget, Path(tmp) / "data"),
+        spec.write_text(spec_text(task, budget, subsets(task, budget, Path(tmp) / "data"),
                                   backend_entry(args)), encoding="utf-8")
         initial = test_accuracy(spec, None)
         best = fit(spec, Path(tmp) / "run")
