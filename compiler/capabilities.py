@@ -1,7 +1,9 @@
 """Pass 5, capabilities: every node's needs against its backend's capabilities.
 
 REQUIRES "acyclic". GUARANTEES "capable": `unit.capabilities` maps every
-backend to its capability set, and each node's backend meets its needs.
+backend to its capability set, and each node's backend meets its needs; a
+choice node on a backend that reads choices from top-k next-token log-probs
+only has single-token choices, where the caller's `token_counter` can count.
 Capabilities are data: a backend spec's own `capabilities:` list, else what
 its kind declares in `dlngraph.capabilities.DECLARED`, unless the caller
 passes a `capability_resolver` (the API uses that hook to probe endpoints).
@@ -11,6 +13,7 @@ Nothing of the runtime is imported here.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import replace
 
 from dlngraph.capabilities import DECLARED, Capability
@@ -73,9 +76,36 @@ def run(unit: Unit) -> Unit:
         for reason, any_of in needs(data):
             if not have & any_of:
                 problems.append(_missing(data, reason, any_of, have, unit, source))
+        if data.output_type == "choice" and T in have and S not in have and unit.token_counter is not None:
+            count = unit.token_counter(data.backend, unit.spec.backends[data.backend])
+            if count is not None:
+                problems += _multi_token_choices(data, count, unit, source)
     if problems:
         raise SpecError(problems)
     return replace(unit, capabilities=capabilities)
+
+
+def _multi_token_choices(data: NodeData, count: Callable[[str], int], unit: Unit, source: Source) -> list[Diagnostic]:
+    """Choices that are not one token as the runtime scores them: after one space,
+    unless the template ends in whitespace (the target delimiter of `score_request`)."""
+    assert unit.spec is not None
+    spec = unit.spec.nodes[data.name]
+    gap = "" if spec.template[-1:].isspace() else " "
+    out = []
+    for i, choice in enumerate(spec.output.choices):  # type: ignore[union-attr]
+        tokens = count(gap + choice)
+        if tokens != 1:
+            out.append(source.diagnostic(
+                "E404",
+                f"choice {gap + choice!r} is {tokens} tokens, and backend '{data.backend}' scores choices "
+                "from next-token log-probs, one token each",
+                source.value_span(("nodes", data.name, "output", "choices", i)),
+                node=data.name,
+                hint="use single-token choices (e.g. 'A' instead of '(A)'), a backend that scores "
+                "continuations (`score`: vLLM, or `kind: torch`), or declare `score` under `capabilities:` "
+                "if the endpoint scores prompts correctly",
+            ))
+    return out
 
 
 def _unknown_kind(name: str, kind: str, source: Source) -> Diagnostic:

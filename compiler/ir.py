@@ -24,6 +24,9 @@ from dlngraph.yamlsource import Source
 from dlngraph.compiler.plan import ExecutionPlan
 
 CapabilityResolver = Callable[[str, object], frozenset[Capability]]
+# (backend name, backend spec) -> how many tokens a text is for that backend's
+# model, or None when the compiler cannot know (no tokenizer named).
+TokenCounter = Callable[[str, object], Callable[[str], int] | None]
 
 
 class NodeKind(StrEnum):
@@ -80,6 +83,7 @@ class Unit:
     meta_prompts_checked: bool = False
     plan: ExecutionPlan | None = None
     capability_resolver: CapabilityResolver | None = None
+    token_counter: TokenCounter | None = None
 
 
 class LintError(AssertionError):

@@ -29,7 +29,7 @@ from dlngraph.compiler import (
     schedule,
     validate,
 )
-from dlngraph.compiler.ir import PROPERTIES, CapabilityResolver, Unit
+from dlngraph.compiler.ir import PROPERTIES, CapabilityResolver, TokenCounter, Unit
 
 PASSES: tuple[ModuleType, ...] = (
     parse,
@@ -115,8 +115,9 @@ def compile_unit(
     *,
     raw: bytes | None = None,
     capability_resolver: CapabilityResolver | None = None,
+    token_counter: TokenCounter | None = None,
     after_each: Callable[[str, Unit], None] | None = None,
 ) -> Unit:
     """Run every pass over the spec at `path` (or over `raw`, its bytes)."""
-    unit = Unit(path=Path(path), raw=raw, capability_resolver=capability_resolver)
+    unit = Unit(path=Path(path), raw=raw, capability_resolver=capability_resolver, token_counter=token_counter)
     return run_passes(unit, [Pass.of(m) for m in PASSES], after_each)

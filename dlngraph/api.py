@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dlngraph.errors import DlngraphError
 
-from dlngraph.compiler.ir import CapabilityResolver
+from dlngraph.compiler.ir import CapabilityResolver, TokenCounter
 from dlngraph.compiler.pipeline import compile_unit
 from dlngraph.compiler.plan import ExecutionPlan
 
@@ -22,7 +22,9 @@ from dlngraph.compiler.plan import ExecutionPlan
 def compile_spec(path: str | Path, *, capability_resolver: CapabilityResolver | None = None) -> ExecutionPlan:
     """Check the spec at `path` and build its plan; raises `SpecError` on any mistake.
     Without a resolver, litellm endpoints the spec points at are probed (cached)."""
-    unit = compile_unit(path, capability_resolver=capability_resolver or probing_resolver())
+    unit = compile_unit(
+        path, capability_resolver=capability_resolver or probing_resolver(), token_counter=runtime_token_counter()
+    )
     assert unit.plan is not None
     return unit.plan
 
@@ -32,6 +34,12 @@ def probing_resolver() -> CapabilityResolver:
     from dlngraph.runtime.backends.probe import capability_resolver
 
     return capability_resolver
+
+
+def runtime_token_counter() -> TokenCounter:
+    from dlngraph.runtime.backends.probe import token_counter
+
+    return token_counter
 
 
 def load_plan(path: str | Path, *, capability_resolver: CapabilityResolver | None = None) -> ExecutionPlan:

@@ -106,6 +106,11 @@ _CODES = (
          "the compiler can check it without loading it."),
     Code("E403", "unknown-capability", "A backend declares a capability name that does not exist.",
          "Capabilities are `generate`, `score`, `top_logprobs` and `kv_access`."),
+    Code("E404", "multi-token-choice", "A choice is several tokens on a backend that scores one token.",
+         "A backend with `top_logprobs` but not `score` (e.g. a llama.cpp server, whose echoed "
+         "prompt log-probs are shifted) reads each choice's log-prob from the next-token "
+         "distribution, so every choice must be one token of the model. Checked at compile time "
+         "when the backend names its `tokenizer`."),
     Code("E501", "data-file-missing", "A data file named under `data:` does not exist.",
          "Data paths are relative to the spec file's directory."),
     Code("E502", "data-field-missing", "A field the spec reads is absent from the data.",

@@ -397,13 +397,17 @@ class LiteLLMBackend(BackendBase):
         if self.spec.tokenizer is None:
             return None
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from dlngraph.runtime.models import ModelSource, model_directory
-
-            directory = model_directory(ModelSource.resolve(self.spec.tokenizer))
-            self._tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            self._tokenizer = load_tokenizer(self.spec.tokenizer)
         return self._tokenizer
+
+
+def load_tokenizer(name: str) -> Any:
+    """The Hugging Face tokenizer a spec's `tokenizer:` names (a model directory or `embedded`)."""
+    from transformers import AutoTokenizer
+
+    from dlngraph.runtime.models import ModelSource, model_directory
+
+    return AutoTokenizer.from_pretrained(str(model_directory(ModelSource.resolve(name))))
 
 
 # --------------------------------------------------------------------------- log-prob parsing

@@ -27,6 +27,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from dlngraph.runtime.backends.litellm_backend import (
     LiteLLMBackend,
     continuation_score,
     describe,
+    load_tokenizer,
     top_alternatives,
 )
 from dlngraph.spec import LiteLLMBackendSpec
@@ -214,3 +216,12 @@ def capability_resolver(backend_name: str, backend_spec: Any) -> frozenset[Capab
         log.warning("backend %s: could not probe its endpoint (%s); using declared capabilities", backend_name,
                     str(exc).splitlines()[0])
         return DECLARED["litellm"]
+
+
+def token_counter(backend_name: str, backend_spec: Any) -> Callable[[str], int] | None:
+    """The compiler's token counter: a litellm backend that names its `tokenizer`
+    counts with it (so multi-token choices fail at compile time); else None."""
+    if not isinstance(backend_spec, LiteLLMBackendSpec) or backend_spec.tokenizer is None:
+        return None
+    tokenizer = load_tokenizer(backend_spec.tokenizer)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
