@@ -37,11 +37,16 @@ TASKS = {
 }
 
 
+# The hidden layer's output continues this; after a bare "Reasoning:" the
+# embedded model ends at once and every reasoning is empty.
+REASONING = "Reasoning: Let's see,"
+
+
 def spec_for(task: str, arch: str, args: argparse.Namespace) -> dict:
     data, labels, instruction = TASKS[task]
     answer = {
         "prompt": instruction,
-        "template": "{{ prompt }}\n\n{{ input }}\n" + ("Reasoning: {{ reason }}\n" if arch == "dln2" else "") + "Answer:",
+        "template": "{{ prompt }}\n\n{{ input }}\n" + (f"{REASONING} {{{{ reason }}}}\n" if arch == "dln2" else "") + "Answer:",
         "output": {"type": "choice", "choices": labels},
     }
     nodes = {"answer": answer}
@@ -49,7 +54,7 @@ def spec_for(task: str, arch: str, args: argparse.Namespace) -> dict:
         nodes = {
             "reason": {
                 "prompt": "Think step by step about the input and write one short sentence of reasoning.",
-                "template": "{{ prompt }}\n\n{{ input }}\nReasoning:",
+                "template": "{{ prompt }}\n\n{{ input }}\n" + REASONING,
                 "output": {"type": "text", "max_tokens": args.max_tokens, "stop": ["\n"]},
             },
             **nodes,
