@@ -69,6 +69,14 @@ def run(unit: Unit) -> Unit:
             problems.append(_unknown_kind(name, backend.kind, source))
         except ValueError as exc:
             problems.append(_unknown_capability(name, backend, str(exc), source))
+    # Backends of choice nodes that read choices from next-token log-probs only, and a way
+    # to count their tokens (asked once per backend: the runtime loads a tokenizer to answer).
+    choosing = {d.backend for d in nodes(unit.graph).values() if d.output_type == "choice"}
+    counters = {
+        name: unit.token_counter(name, unit.spec.backends[name])
+        for name in sorted(choosing & capabilities.keys())
+        if T in capabilities[name] and S not in capabilities[name] and unit.token_counter is not None
+    }
     for data in nodes(unit.graph).values():
         have = capabilities.get(data.backend)
         if have is None:
@@ -76,10 +84,9 @@ def run(unit: Unit) -> Unit:
         for reason, any_of in needs(data):
             if not have & any_of:
                 problems.append(_missing(data, reason, any_of, have, unit, source))
-        if data.output_type == "choice" and T in have and S not in have and unit.token_counter is not None:
-            count = unit.token_counter(data.backend, unit.spec.backends[data.backend])
-            if count is not None:
-                problems += _multi_token_choices(data, count, unit, source)
+        count = counters.get(data.backend)
+        if data.output_type == "choice" and count is not None:
+            problems += _multi_token_choices(data, count, unit, source)
     if problems:
         raise SpecError(problems)
     return replace(unit, capabilities=capabilities)

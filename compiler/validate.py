@@ -174,25 +174,25 @@ def _dedupe(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
 
 def _fields_at(raw_loc: tuple) -> list[str]:
     """Field names of the model a pydantic loc (tags included) points into."""
-    annotation: Any = Spec
-    for element in raw_loc:
-        annotation = _step(annotation, element)
-        if annotation is None:
-            return []
-    model = _as_model(annotation)
+    model = _model_at(raw_loc)
     return list(model.model_fields) if model else []
 
 
 def _description_at(raw_loc: tuple) -> str | None:
     """The spec model's description of the field a pydantic loc ends at, if it has one."""
+    model = _model_at(raw_loc[:-1]) if raw_loc else None
+    info = model.model_fields.get(str(raw_loc[-1])) if model else None
+    return info.description if info else None
+
+
+def _model_at(raw_loc: tuple) -> Any:
+    """The pydantic model a loc (tags included) points into, or None."""
     annotation: Any = Spec
-    for element in raw_loc[:-1]:
+    for element in raw_loc:
         annotation = _step(annotation, element)
         if annotation is None:
             return None
-    model = _as_model(annotation)
-    info = model.model_fields.get(str(raw_loc[-1])) if model and raw_loc else None
-    return info.description if info else None
+    return _as_model(annotation)
 
 
 def _step(annotation: Any, element: str | int) -> Any:
