@@ -27,8 +27,8 @@ from dlngraph.compiler.ir import NodeData, NodeKind, Unit
 REQUIRES = frozenset({"validated"})
 GUARANTEES = frozenset({"resolved"})
 
-PROMPT, LABEL = "prompt", "label"
-_RESERVED = frozenset({PROMPT, LABEL, "loop", "self", "true", "false", "none", "True", "False", "None"})
+PROMPT, LABEL, DEMOS = "prompt", "label", "demos"
+_RESERVED = frozenset({PROMPT, LABEL, DEMOS, "loop", "self", "true", "false", "none", "True", "False", "None"})
 
 
 def run(unit: Unit) -> Unit:
@@ -77,7 +77,7 @@ def _read_variables(
     if isinstance(node, DeepThinkingNode):
         slots = [("demo_template", False, frozenset({LABEL})), ("template", True, frozenset())]
     else:
-        slots = [("template", True, frozenset({PROMPT}))]
+        slots = [("template", True, frozenset({PROMPT, DEMOS}))]
     read: set[str] = set()
     problems: list[Diagnostic] = []
     for slot, sees_nodes, own in slots:
@@ -111,7 +111,7 @@ def _read_variables(
                     hint="put `{{ prompt }}` where the learnable instruction goes, or set `trainable: false`",
                 )
             )
-    read -= {PROMPT, LABEL}
+    read -= {PROMPT, LABEL, DEMOS}
     return read, problems
 
 

@@ -148,6 +148,24 @@ class ChoiceOutput(_Model):
 OutputSpec = Annotated[TextOutput | ChoiceOutput, Field(discriminator="type")]
 
 
+class LayerDemos(_Model):
+    """Demonstrations a layer shows, rendered into its template as `{{ demos }}`.
+
+    They are a learnable parameter like the prompt: drawn from train only (never
+    dev or test), class-balanced and seeded, then searched by `dlngraph fit`."""
+
+    count: int = Field(8, ge=1, le=64, description="k demonstrations shown")
+    template: str = Field(
+        "{{ input }}\nAnswer: {{ label }}",
+        description="renders one demonstration: the dataset inputs and the node's target as `label`",
+    )
+    separator: str = Field("\n\n", description="text between two rendered demonstrations")
+    search: bool = Field(True, description="let `dlngraph fit` change the demonstrations")
+    examples: list[dict[str, str]] | None = Field(
+        None, description="fixed demonstrations (inputs and `label`) instead of a draw from train; set by export"
+    )
+
+
 class LayerNode(_Model):
     """A language layer: one LLM call whose `prompt` is a learnable parameter."""
 
@@ -157,6 +175,15 @@ class LayerNode(_Model):
     template: str
     output: OutputSpec
     trainable: bool = True
+    calibration: Literal["none", "contextual", "batch"] = Field(
+        "none",
+        description="choice nodes: `none`, `contextual` (content-free inputs, Zhao et al. 2021) or "
+        "`batch` (mean over unlabeled train inputs, Zhou et al. 2024) label-prior removal",
+    )
+    calibration_bias: dict[str, float] | None = Field(
+        None, description="a fitted label prior (log-probs) to divide out; written by `dlngraph export`"
+    )
+    demos: LayerDemos | None = Field(None, description="trainable demonstrations, read by the template as `{{ demos }}`")
 
 
 class Demonstrations(_Model):
@@ -247,6 +274,20 @@ class TrainSpec(_Model):
     )
     wrong_hidden_penalty: float = Field(
         0.0, ge=0.0, description="penalty on hidden states that lead the child to a wrong answer"
+    )
+    proposer: str | None = Field(
+        None, description="backend that writes proposals and posterior samples; the node's own if omitted"
+    )
+    balance_batch: bool = Field(True, description="class-balanced mini-batches (round-robin over the output labels)")
+    demo_candidates: int = Field(
+        3, ge=0, description="demonstration sets tried per step: a balanced redraw, a bootstrapped set, a swap"
+    )
+    memory: int = Field(2, ge=0, description="best prompts seen on dev put back in every candidate pool")
+    backtrack: int | None = Field(
+        2, ge=1, description="evaluations without dev gain after which the fit restarts from the best; none: never"
+    )
+    calibration_size: int = Field(
+        32, ge=1, description="unlabeled train inputs batch calibration is estimated on"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -149,8 +150,8 @@ def proposal_requests(
     backend: str, prompt: str, attempts: Sequence[Attempt], train: TrainSpec, rng: random.Random, seed: int
 ) -> Deferred[list[str]]:
     """N-1 proposals from one meta-prompt, proposal j asking for directive j (in
-    turn); the answer is the current prompt plus every distinct non-empty
-    proposal (identical proposals would be scored twice)."""
+    turn); the answer is every proposal's text, stripped, in order (filter them
+    with `filter_proposals` before scoring)."""
     successes, failures = meta_sample(attempts, train.meta_examples, rng)
     directives = train.proposal_directives
     requests = [
@@ -170,44 +171,87 @@ def proposal_requests(
         for j in range(train.prompt_proposals - 1)
     ]
 
-    def decode(generations: list[Any]) -> list[str]:
-        candidates = [prompt]
-        for g in generations:
-            proposal = g.texts[0].strip()
-            if proposal and proposal not in candidates:
-                candidates.append(proposal)
-        return candidates
+    return Deferred(backend, "generate", requests, lambda generations: [g.texts[0].strip() for g in generations])
 
-    return Deferred(backend, "generate", requests, decode)
+
+# Words a proposal only uses when it talks about the meta-prompt's task (rewriting
+# an instruction for a student) instead of giving the instruction itself.
+_META_WORDS = frozenset({"instruction", "instructions", "student", "students", "rewrite", "re-write", "rewritten"})
+_SCAFFOLD_NGRAM = 4
+
+
+def filter_proposals(
+    current: str, proposals: Sequence[str], directives: Sequence[str], taken: Sequence[str] = ()
+) -> tuple[list[str], dict[str, int]]:
+    """The proposals worth scoring, and how many were dropped per reason:
+    `empty`; `duplicate` (of the current prompt, of `taken` candidates or of an
+    earlier proposal); `scaffolding` (it copies the proposal meta-prompt: shares
+    a run of 4 words with its fixed text or the directives, or uses words about
+    rewriting instructions for a student, that the current prompt does not)."""
+    scaffold = _ngrams(" ".join([_meta_text(), *directives])) - _ngrams(current)
+    own_words = set(_words(current))
+    seen = {current.strip(), *(t.strip() for t in taken)}
+    kept: list[str] = []
+    dropped = {"empty": 0, "duplicate": 0, "scaffolding": 0}
+    for text in proposals:
+        text = text.strip()
+        if not text:
+            dropped["empty"] += 1
+        elif text in seen:
+            dropped["duplicate"] += 1
+        elif _ngrams(text) & scaffold or (set(_words(text)) - own_words) & _META_WORDS:
+            dropped["scaffolding"] += 1
+        else:
+            kept.append(text)
+            seen.add(text)
+    return kept, dropped
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9'-]+", text.lower())
+
+
+def _ngrams(text: str) -> set[tuple[str, ...]]:
+    words = _words(text)
+    return {tuple(words[i : i + _SCAFFOLD_NGRAM]) for i in range(len(words) - _SCAFFOLD_NGRAM + 1)}
+
+
+def _meta_text() -> str:
+    """The proposal meta-prompt's fixed text (its jinja tags and expressions removed)."""
+    return re.sub(r"\{[{%#].*?[}%#]\}", " ", meta_prompts.load("proposal.jinja"), flags=re.S)
 
 
 @dataclass(frozen=True)
-class Selection:
-    prompt: str
-    index: int  # 0: the current prompt was kept
+class Selection(Generic[T]):
+    candidate: T  # the chosen prompt (or layer parameters)
+    index: int  # 0: the current one was kept
     objective: list[float]  # per candidate, what the argmax read
-    loss: float  # mean negative log-likelihood of the targets under the chosen prompt
+    loss: float  # mean negative log-likelihood of the targets under the chosen candidate
+    dropped: dict[str, int] | None = None  # proposals filtered out before scoring, per reason
 
 
 def select_candidate(
-    candidates: Sequence[str],
+    candidates: Sequence[T],
     scores: Sequence[Sequence[TargetScore]],
     trust_region: float,
     current_outputs: Sequence[Sequence[TargetScore]] | None = None,
-) -> Selection:
+    masks: Sequence[Sequence[bool]] | None = None,
+) -> Selection[T]:
     """The argmax over candidates of the batch's mean target log-likelihood minus
-    `trust_region` x a divergence from the current prompt (index 0): for choice
+    `trust_region` x a divergence from the current candidate (index 0): for choice
     nodes KL(current || candidate) over the classes; for text nodes the drop in
-    log-likelihood of the current outputs (`current_outputs`). Ties keep the
-    earlier candidate, so the current prompt wins a tie."""
-    objective = []
+    log-likelihood of the current outputs (`current_outputs`). `masks[i][b]`
+    False leaves example b out of candidate i's mean (an example it shows as a
+    demonstration would be scored as seen). Ties keep the earlier candidate, so
+    the current one wins a tie."""
+    means, objective = [], []
     for index, per_example in enumerate(scores):
-        value = _mean([s.logprob for s in per_example])
-        if trust_region:
-            value -= trust_region * _divergence(scores[0], per_example, current_outputs, index)
-        objective.append(value)
+        keep = masks[index] if masks is not None else [True] * len(per_example)
+        means.append(_mean([s.logprob for s, k in zip(per_example, keep) if k]))
+        divergence = _divergence(scores[0], per_example, current_outputs, index) if trust_region else 0.0
+        objective.append(means[-1] - trust_region * divergence)
     best = max(range(len(candidates)), key=objective.__getitem__)
-    return Selection(candidates[best], best, objective, -_mean([s.logprob for s in scores[best]]))
+    return Selection(candidates[best], best, objective, -means[best])
 
 
 def _divergence(

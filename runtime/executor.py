@@ -21,8 +21,9 @@ from typing import Any
 from dlngraph.compiler.plan import ExecutionPlan, PlanNode, Stage
 from dlngraph.errors import DlngraphError, RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime import demos
 from dlngraph.runtime.layers import choice, text
-from dlngraph.runtime.layers.base import ForwardRecord, Row
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
 
 
 @dataclass
@@ -36,7 +37,9 @@ class RunResult:
 
 
 class Executor:
-    """Runs `plan` on `backends` (name -> backend), with learned `prompts` overriding the spec's."""
+    """Runs `plan` on `backends` (name -> backend), with learned parameters overriding the
+    spec's: `prompts`, `demos` ({node: [demonstration dicts]}) and `calibration`
+    ({node: {label: prior}}) as a checkpoint holds them, or whole `params` per node."""
 
     def __init__(
         self,
@@ -47,14 +50,20 @@ class Executor:
         layers: Mapping[str, Any] | None = None,
         run_dir: Path | None = None,
         seed: int = 0,
+        demos: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
+        calibration: Mapping[str, Mapping[str, float]] | None = None,
+        params: Mapping[str, Params] | None = None,
     ) -> None:
         self.plan = plan
         self.backends = backends
         self.prompts = dict(prompts or {})
+        self.demos = {n: tuple(tuple(sorted(d.items())) for d in ds) for n, ds in (demos or {}).items()}
+        self.calibration = {n: tuple(sorted(b.items())) for n, b in (calibration or {}).items()}
+        self.params = dict(params or {})
         self.layers = dict(layers or {})  # prepared layer objects (e.g. a learned Deep-Thinking state)
         self.run_dir = run_dir  # where Deep-Thinking states are saved and found
         self.seed = seed
-        unknown = sorted(set(self.prompts) - set(plan.nodes))
+        unknown = sorted((set(self.prompts) | set(self.demos) | set(self.calibration) | set(self.params)) - set(plan.nodes))
         if unknown:
             raise RuntimeFailure(
                 f"prompts given for unknown node(s) {', '.join(unknown)}",
@@ -62,7 +71,24 @@ class Executor:
             )
 
     def prompt_of(self, name: str) -> str:
+        if name in self.params:
+            return self.params[name].prompt
         return self.prompts.get(name, getattr(self.plan.spec.nodes[name], "prompt", ""))
+
+    def params_of(self, name: str) -> Params:
+        """A layer's parameters: given ones, else the spec's prompt, demonstrations
+        (its fixed examples, or a balanced draw from train seeded by the spec's
+        train seed, as the fit starts from) and fitted prior, each overridable."""
+        if name in self.params:
+            return self.params[name]
+        spec = self.plan.spec.nodes[name]
+        shown = self.demos.get(name)
+        if shown is None:
+            shown = demos.initial(self.plan, name, self.plan.spec.train.seed)
+        bias = self.calibration.get(name)
+        if bias is None and getattr(spec, "calibration_bias", None) is not None:
+            bias = tuple(sorted(spec.calibration_bias.items()))  # type: ignore[union-attr]
+        return Params(self.prompt_of(name), shown, bias)
 
     def run(self, examples: Sequence[Mapping[str, str]]) -> RunResult:
         result = RunResult(records={})
@@ -129,10 +155,10 @@ class Executor:
     # One method per node kind ------------------------------------------------
 
     def node_layer(self, node: PlanNode, spec: Any, backend: Backend, rows: list[Row]) -> ForwardRecord:
-        prompt = self.prompt_of(node.name)
+        params = self.params_of(node.name)
         if spec.output.type == "choice":
-            return choice.forward(node, spec, backend, prompt, rows)
-        return text.forward(node, spec, backend, prompt, rows, seed=self.seed)
+            return choice.forward(node, spec, backend, params, rows)
+        return text.forward(node, spec, backend, params, rows, seed=self.seed)
 
     def node_deep_thinking(self, node: PlanNode, spec: Any, backend: Backend, rows: list[Row]) -> ForwardRecord:
         layer = self.layers.get(node.name)

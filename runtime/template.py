@@ -1,7 +1,8 @@
 """Rendering node templates: sandboxed jinja with StrictUndefined.
 
-A template sees `prompt` (the node's learnable parameter), the dataset inputs
-and the outputs of its parent nodes. `split_shared` cuts a rendering into the
+A template sees `prompt` (the node's learnable parameter), `demos` (its
+rendered demonstrations, also learned; like the prompt, shared by every
+example), the dataset inputs and the outputs of its parent nodes. `split_shared` cuts a rendering into the
 part every example of a batch shares (everything before the first per-example
 variable, typically the instruction) and the rest, which becomes
 `ScoreRequest.prefix` / `ScoreRequest.prompt` so backends can reuse the KV cache
@@ -29,24 +30,26 @@ def _compiled(template: str) -> jinja2.Template:
     return _ENV.from_string(template)
 
 
-def render(template: str, prompt: str, row: Mapping[str, str], *, node: str | None = None) -> str:
-    """The text a node sends for one example."""
+def render(template: str, prompt: str, row: Mapping[str, str], *, node: str | None = None, demos: str = "") -> str:
+    """The text a node sends for one example (`demos`: its rendered demonstrations)."""
     try:
-        return _compiled(template).render({**row, "prompt": prompt})
+        return _compiled(template).render({**row, "prompt": prompt, "demos": demos})
     except jinja2.TemplateError as exc:
         raise RuntimeFailure(f"template could not be rendered: {exc}", node=node) from exc
 
 
-def split_shared(template: str, prompt: str, row: Mapping[str, str], *, node: str | None = None) -> tuple[str, str]:
+def split_shared(
+    template: str, prompt: str, row: Mapping[str, str], *, node: str | None = None, demos: str = ""
+) -> tuple[str, str]:
     """(shared prefix, per-example rest) of `render(template, prompt, row)`.
 
     The shared prefix is what renders before the first per-example variable
     (found by rendering with sentinels). If a filter or condition hides the
     sentinel, or the real text does not start with it, nothing is shared.
     """
-    text = render(template, prompt, row, node=node)
+    text = render(template, prompt, row, node=node, demos=demos)
     try:
-        probe = _compiled(template).render({**{k: _SENTINEL for k in row}, "prompt": prompt})
+        probe = _compiled(template).render({**{k: _SENTINEL for k in row}, "prompt": prompt, "demos": demos})
     except jinja2.TemplateError:
         return "", text
     at = probe.find(_SENTINEL)
@@ -57,14 +60,14 @@ def split_shared(template: str, prompt: str, row: Mapping[str, str], *, node: st
 
 
 def score_request(
-    template: str, prompt: str, row: Mapping[str, str], target: str, *, node: str | None = None
+    template: str, prompt: str, row: Mapping[str, str], target: str, *, node: str | None = None, demos: str = ""
 ) -> ScoreRequest:
     """The request scoring `target` after the rendered template, instruction as prefix.
 
     The target follows the rendered text after one space, unless the text
     already ends in whitespace (lm-evaluation-harness's target delimiter).
     """
-    shared, rest = split_shared(template, prompt, row, node=node)
+    shared, rest = split_shared(template, prompt, row, node=node, demos=demos)
     text = shared + rest
     gap = "" if not text or text[-1].isspace() else " "
     return ScoreRequest(prompt=rest, continuation=gap + target, prefix=shared)

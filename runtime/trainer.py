@@ -9,21 +9,29 @@ children of log p(child target | candidate)) / T); the best-weighted candidate
 becomes its target, which its parents see in a later stage. A node with several
 children sums all their feedback. Every trainable layer then takes a DLN-1
 step: N-1 proposals from a meta-prompt plus the current prompt, all N x B
-scored, argmax. Prompt updates apply after the whole backward pass, so every
-stage reads the same (current) network.
+scored, argmax. How a layer's candidates are made and chosen is the
+optimizer's (runtime/optimizer.py, a strategy object); the trainer only runs
+the stages. Parameter updates apply after the whole backward pass, so every
+stage reads the same (current) network. A layer's parameters (`Params`) are its
+instruction, its demonstrations and its fitted label prior.
 
 The trainer holds no model logic: the layer modules build the requests
 (`Deferred`), and `dispatch` merges a stage's requests into ONE call per
 (backend, op, purpose), deduplicated, as the plan's schedule lists them.
 
-`Fit` is the loop around it: initial evaluation (iteration 0), mini-batches,
-dev evaluation every `eval_every`, best-on-dev selection, early stopping,
-checkpoints after every iteration and `--resume`.
+`Fit` is the loop around it: initial evaluation (iteration 0), class-balanced
+mini-batches, label priors re-estimated on unlabeled train inputs whenever
+parameters change, dev evaluation every `eval_every`, best-on-dev selection
+(accuracy, ties broken by dev log-likelihood), a memory of the best parameters
+fed back to the optimizer, backtracking to the best after `backtrack`
+evaluations without gain, early stopping, checkpoints after every iteration
+and `--resume`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,24 +41,23 @@ from typing import Any
 from dlngraph.compiler.plan import ExecutionPlan, PlanNode, Stage
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime import demos
 from dlngraph.runtime.backward import (
     Attempt,
     Deferred,
-    Selection,
     TargetScore,
     posterior_logits,
     posterior_weights,
-    proposal_requests,
     rng_for,
-    select_candidate,
     shown_input,
     stable_seed,
 )
 from dlngraph.runtime.data import Example, read_jsonl
 from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers import choice, text
-from dlngraph.runtime.layers.base import Row
+from dlngraph.runtime.layers.base import Demo, Params, Row
 from dlngraph.runtime.metrics import is_correct
+from dlngraph.runtime.optimizer import DLNSearch, Optimizer
 from dlngraph.runtime.plot import plot_curve
 from dlngraph.runtime.rundir import RunDir
 from dlngraph.runtime.tracking import Tracker
@@ -84,15 +91,20 @@ class Events:
 
 @dataclass
 class StepResult:
-    prompts: dict[str, str]  # after the step
+    params: dict[str, Params]  # after the step (label priors still to be estimated)
     train_acc: float
     loss: dict[str, float]
     accepted: dict[str, bool]
     posteriors: list[dict[str, Any]]
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # proposals filtered, per node and reason
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return {n: p.prompt for n, p in self.params.items()}
 
 
 @dataclass
-class _Pass:
+class Pass:
     """What one backward pass knows: the forward, its rows, and the targets found so far."""
 
     batch: list[Example]
@@ -112,12 +124,14 @@ class Trainer:
         seed: int,
         layers: Mapping[str, Any] | None = None,
         events: Events | None = None,
+        optimizer: Optimizer | None = None,
     ) -> None:
         self.plan = plan
         self.backends = backends
         self.seed = seed
         self.layers = dict(layers or {})
         self.events = events or Events()
+        self.optimizer: Optimizer = optimizer or DLNSearch()
         self.calls: list[CallRecord] = []
         self.needs_posterior = _needs_posterior(plan)
 
@@ -129,17 +143,34 @@ class Trainer:
         """The nodes whose prompt is learned (the one walk that finds them)."""
         return [n for n, node in sorted(self.plan.nodes.items()) if node.kind == "layer" and node.trainable]
 
-    def executor(self, prompts: Mapping[str, str]) -> Executor:
-        return Executor(self.plan, self.backends, prompts, layers=self.layers, seed=self.seed)
+    def executor(self, params: Mapping[str, Params] | Mapping[str, str]) -> Executor:
+        """An executor with `params` (or plain prompts) overriding the spec's."""
+        if all(isinstance(p, Params) for p in params.values()):
+            return Executor(self.plan, self.backends, params=params, layers=self.layers, seed=self.seed)  # type: ignore[arg-type]
+        return Executor(self.plan, self.backends, params, layers=self.layers, seed=self.seed)  # type: ignore[arg-type]
+
+    def proposer_of(self, name: str) -> str:
+        """The backend writing the node's proposals and posterior samples."""
+        return self.train.proposer or self.plan.nodes[name].backend
+
+    def demo_pool(self, name: str) -> list[Demo]:
+        return demos.pool(self.plan, name)
 
     # ------------------------------------------------------------------ one iteration
 
-    def step(self, prompts: Mapping[str, str], batch: list[Example], indices: list[int], iteration: int) -> StepResult:
-        executor = self.executor(prompts)
+    def step(
+        self,
+        params: Mapping[str, Params],
+        batch: list[Example],
+        indices: list[int],
+        iteration: int,
+        memory: Sequence[Mapping[str, Params]] = (),
+    ) -> StepResult:
+        executor = self.executor(params)
         result = executor.run(batch)
-        # Hidden nodes that are not trained still need their (spec) prompt for re-scoring.
-        prompts = {n: executor.prompt_of(n) for n, node in self.plan.nodes.items() if node.kind == "layer"}
-        state = _Pass(
+        # Hidden nodes that are not trained still need their (spec) parameters for re-scoring.
+        current = {n: executor.params_of(n) for n, node in self.plan.nodes.items() if node.kind == "layer"}
+        state = Pass(
             batch=batch,
             indices=indices,
             result=result,
@@ -147,18 +178,20 @@ class Trainer:
             targets={name: [ex[f] for ex in batch] for name, f in self.plan.spec.outputs.items()},
         )
         train_acc = _accuracy(self.plan, [result.outputs(i) for i in range(len(batch))], batch)
-        new_prompts = {n: prompts[n] for n in self.parameters()}
+        new_params = {n: current[n] for n in self.parameters()}
         loss: dict[str, float] = {}
         accepted: dict[str, bool] = {}
+        dropped: dict[str, dict[str, int]] = {}
         for stage in self.plan.backward:
-            self.posterior(stage, state, prompts, iteration)
-            for name, selection in self.prompt_step(stage, state, prompts, iteration).items():
-                new_prompts[name] = selection.prompt
+            self.posterior(stage, state, current, iteration)
+            for name, selection in self.optimizer.step(self, stage, state, current, iteration, memory).items():
+                new_params[name] = selection.candidate
                 loss[name] = selection.loss
                 accepted[name] = selection.index != 0
-        return StepResult(new_prompts, train_acc, loss, accepted, state.posteriors)
+                dropped[name] = selection.dropped or {}
+        return StepResult(new_params, train_acc, loss, accepted, state.posteriors, dropped)
 
-    def posterior(self, stage: Stage, state: _Pass, prompts: Mapping[str, str], iteration: int) -> None:
+    def posterior(self, stage: Stage, state: Pass, params: Mapping[str, Params], iteration: int) -> None:
         """Targets for the stage's hidden nodes: sample candidates (one call), then score
         every candidate under the node and under each child (one call), weight, pick."""
         names = [n for n in stage.nodes if self.needs_posterior[n]]
@@ -172,12 +205,13 @@ class Trainer:
                 LAYERS[self.plan.nodes[n].output_type].posterior_samples(
                     self.plan.nodes[n],
                     self.plan.spec.nodes[n],
-                    prompts[n],
+                    params[n],
                     state.rows[n],
                     state.result.records[n].outputs,
                     feedback[n],
                     self.train,
                     stable_seed(self.seed, iteration, n, "posterior"),
+                    self.proposer_of(n),
                 )
                 for n in names
             ],
@@ -187,10 +221,10 @@ class Trainer:
         for n in names:
             # log p(candidate | the node's inputs), then log p(child's target | candidate) per child
             pairs = [(b, h) for b, cands in enumerate(candidates[n]) for h in cands]
-            deferred.append(self.score_targets(n, [(prompts[n], state.rows[n][b], h) for b, h in pairs]))
+            deferred.append(self.score_targets(n, [(params[n], state.rows[n][b], h) for b, h in pairs]))
             for c in self.children_with_targets(n, state):
                 # (a Deep-Thinking child has no prompt: its K/V state answers)
-                items = [(prompts.get(c, ""), {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
+                items = [(params.get(c, Params("")), {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
                 deferred.append(self.score_targets(c, items))
         scored = iter(self.dispatch(stage, "child_rescoring", deferred))
         for n in names:
@@ -220,66 +254,23 @@ class Trainer:
                         }
                     )
 
-    def prompt_step(
-        self, stage: Stage, state: _Pass, prompts: Mapping[str, str], iteration: int
-    ) -> dict[str, Selection]:
-        """DLN-1 for the stage's trainable layers: proposals (one call), N x B scoring (one call), argmax."""
-        names = [n for n in stage.nodes if n in self.parameters() and n in state.targets]
-        if not names:
-            return {}
-        proposals = self.dispatch(
-            stage,
-            "prompt_proposals",
-            [
-                proposal_requests(
-                    self.plan.nodes[n].backend,
-                    prompts[n],
-                    self.attempts(n, state),
-                    self.train,
-                    rng_for(self.seed, iteration, f"meta-examples/{n}"),
-                    stable_seed(self.seed, iteration, n, "proposals"),
-                )
-                for n in names
-            ],
-        )
-        candidates = dict(zip(names, proposals))
-        trust_text = self.train.trust_region > 0
-        deferred = []
-        for n in names:
-            rows, targets = state.rows[n], state.targets[n]
-            items = [(p, row, t) for p in candidates[n] for row, t in zip(rows, targets)]
-            deferred.append(self.score_targets(n, items))
-            if trust_text and self.plan.nodes[n].output_type == "text":
-                outputs = state.result.records[n].outputs
-                deferred.append(self.score_targets(n, [(p, r, o) for p in candidates[n] for r, o in zip(rows, outputs)]))
-        scored = iter(self.dispatch(stage, "candidate_scoring", deferred))
-        selections = {}
-        for n in names:
-            b = len(state.batch)
-            per_candidate = _chunks(next(scored), b)
-            current = _chunks(next(scored), b) if trust_text and self.plan.nodes[n].output_type == "text" else None
-            selections[n] = select_candidate(candidates[n], per_candidate, self.train.trust_region, current)
-            log.info("iteration %d %s: candidate %d of %d (objective %s)", iteration, n, selections[n].index,
-                     len(candidates[n]), [round(x, 3) for x in selections[n].objective])
-        return selections
-
     # ------------------------------------------------------------------ helpers
 
-    def child_targets(self, name: str, state: _Pass) -> list[list[tuple[str, str]]]:
+    def child_targets(self, name: str, state: Pass) -> list[list[tuple[str, str]]]:
         children = self.children_with_targets(name, state)
         return [[(c, state.targets[c][b]) for c in children] for b in range(len(state.batch))]
 
-    def children_with_targets(self, name: str, state: _Pass) -> list[str]:
+    def children_with_targets(self, name: str, state: Pass) -> list[str]:
         return [c for c in self.plan.nodes[name].children if c in state.targets]
 
-    def score_targets(self, name: str, items: list[tuple[str, Row, str]]) -> Deferred[list[TargetScore]]:
+    def score_targets(self, name: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
         """The node's layer scoring (prompt, row, target) triples."""
         node = self.plan.nodes[name]
         if node.kind == "deep_thinking":
             return _thinking_scores(name, node.backend, items)
         return LAYERS[node.output_type].target_scores(node, self.plan.spec.nodes[name], items)
 
-    def attempts(self, name: str, state: _Pass) -> list[Attempt]:
+    def attempts(self, name: str, state: Pass) -> list[Attempt]:
         template = self.plan.spec.nodes[name].template
         return [
             Attempt(shown_input(template, row, node=name), output, target)
@@ -320,7 +311,7 @@ class Trainer:
 class FitResult:
     run_dir: RunDir
     prompts: dict[str, str]  # the last iteration's
-    best: dict[str, Any]  # {"iteration", "dev_acc", "prompts"}
+    best: dict[str, Any]  # {"iteration", "dev_acc", "dev_loglik", "prompts", "demos", "calibration"}
     iterations: int  # completed
     stopped_early: bool
 
@@ -338,6 +329,7 @@ class Fit:
         iterations: int | None = None,
         events: Events | None = None,
         tracker: Tracker | None = None,
+        optimizer: Optimizer | None = None,
     ) -> None:
         self.plan = plan
         self.backends = backends
@@ -347,7 +339,9 @@ class Fit:
         self.iterations = (plan.spec.train.iterations if iterations is None else iterations) if trainable else 0
         self.events = events or Events()
         self.tracker = tracker or Tracker()
+        self.optimizer = optimizer
         self.trainer: Trainer | None = None
+        self.calibration_set: list[Example] = []
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
         path = self.plan.data_paths.get(split)
@@ -362,8 +356,13 @@ class Fit:
             self.seed = state["seed"]
             self.run.truncate_after(state["iteration"])
         train_set, dev_set = self.examples("train"), self.examples("dev", self.plan.spec.train.dev_size)
+        # Label priors come from unlabeled train inputs, the same ones all fit long.
+        draw = rng_for(self.seed, 0, "calibration").sample(train_set, min(self.plan.spec.train.calibration_size, len(train_set)))
+        self.calibration_set = [{f: ex[f] for f in self.plan.spec.inputs} for ex in draw]
         layers = self.think(dev_set)
-        self.trainer = Trainer(self.plan, self.backends, seed=self.seed, layers=layers, events=self.events)
+        self.trainer = Trainer(
+            self.plan, self.backends, seed=self.seed, layers=layers, events=self.events, optimizer=self.optimizer
+        )
         if state is None:
             state = self.initial(dev_set)
         stopped = state["early_stop"]["stopped"]
@@ -407,13 +406,17 @@ class Fit:
         return layers
 
     def initial(self, dev_set: list[Example]) -> dict[str, Any]:
-        """Iteration 0: the spec's prompts evaluated on dev; they are the first best."""
+        """Iteration 0: the spec's prompts (and demonstrations drawn with the fit's
+        seed) evaluated on dev; they are the first best."""
         started, before = time.perf_counter(), self.usage()
-        prompts = {n: self.plan.spec.nodes[n].prompt for n in self.trainer.parameters()}  # type: ignore[union-attr]
-        dev_acc, predictions = self.evaluate(prompts, dev_set)
+        assert self.trainer is not None
+        params = self.calibrate(
+            {n: Params(self.plan.spec.nodes[n].prompt, demos.initial(self.plan, n, self.seed)) for n in self.trainer.parameters()}  # type: ignore[union-attr]
+        )
+        dev_acc, dev_loglik, predictions = self.evaluate(params, dev_set)
         self.run.write_predictions("initial", predictions)
-        best = {"iteration": 0, "dev_acc": dev_acc, "prompts": dict(prompts)}
-        state = self.state(0, prompts, best, 0, False)
+        best = _learned(params, iteration=0, dev_acc=dev_acc, dev_loglik=dev_loglik)
+        state = self.state(0, params, best, 0, False, [best] if dev_set and self.plan.spec.train.memory else [])
         self.record(0, None, dev_acc, {}, {}, [], before, started)
         self.commit(state)
         return state
@@ -421,36 +424,100 @@ class Fit:
     def iteration(self, state: dict[str, Any], train_set: list[Example], dev_set: list[Example]) -> dict[str, Any]:
         iteration = state["iteration"] + 1
         started, before = time.perf_counter(), self.usage()
-        rng = rng_for(self.seed, iteration, "batch")
-        indices = sorted(rng.sample(range(len(train_set)), min(self.plan.spec.train.batch_size, len(train_set))))
+        train = self.plan.spec.train
+        indices = self.batch_indices(train_set, iteration)
         assert self.trainer is not None
-        step = self.trainer.step(state["prompts"], [train_set[i] for i in indices], indices, iteration)
-        best, patience_used = state["best"], state["early_stop"]["evaluations_without_gain"]
+        memory = [_params(m) for m in state.get("memory", [])]
+        step = self.trainer.step(_params(state), [train_set[i] for i in indices], indices, iteration, memory)
+        params = self.calibrate(step.params)
+        best, patience_used, remembered = state["best"], state["early_stop"]["evaluations_without_gain"], state.get("memory", [])
         dev_acc = None
-        if dev_set and (iteration % self.plan.spec.train.eval_every == 0 or iteration == self.iterations):
-            dev_acc, _ = self.evaluate(step.prompts, dev_set)
-            if dev_acc > best["dev_acc"]:
-                best, patience_used = {"iteration": iteration, "dev_acc": dev_acc, "prompts": dict(step.prompts)}, 0
+        if dev_set and (iteration % train.eval_every == 0 or iteration == self.iterations):
+            dev_acc, dev_loglik, _ = self.evaluate(params, dev_set)
+            entry = _learned(params, iteration=iteration, dev_acc=dev_acc, dev_loglik=dev_loglik)
+            remembered = _remember(remembered, entry, train.memory)
+            if _rank(entry) > _rank(best):
+                best, patience_used = entry, 0
             else:
                 patience_used += 1
-        elif not dev_set:  # nothing to select on: the latest prompts are the result
-            best = {"iteration": iteration, "dev_acc": None, "prompts": dict(step.prompts)}
-        stopped = patience_used >= self.plan.spec.train.patience
-        self.record(iteration, step.train_acc, dev_acc, step.loss, step.accepted, step.posteriors, before, started)
-        new_state = self.state(iteration, step.prompts, best, patience_used, stopped)
+                if train.backtrack and patience_used % train.backtrack == 0:
+                    log.info("iteration %d: %d evaluations without gain, back to iteration %d", iteration, patience_used, best["iteration"])
+                    params = _params(best)
+        elif not dev_set:  # nothing to select on: the latest parameters are the result
+            best = _learned(params, iteration=iteration, dev_acc=None, dev_loglik=None)
+        stopped = patience_used >= train.patience
+        self.record(iteration, step.train_acc, dev_acc, step.loss, step.accepted, step.posteriors, before, started, step.dropped)
+        new_state = self.state(iteration, params, best, patience_used, stopped, remembered)
         self.commit(new_state)
         if stopped:
             log.info("early stop after %d evaluations without gain", patience_used)
         return new_state
 
-    def state(self, iteration: int, prompts: dict[str, str], best: dict[str, Any], without_gain: int, stopped: bool) -> dict[str, Any]:
+    def batch_indices(self, train_set: list[Example], iteration: int) -> list[int]:
+        """The iteration's mini-batch: class-balanced (round-robin over the labels of
+        the one output, as DLN's --balance_batch) unless told otherwise."""
+        train = self.plan.spec.train
+        rng = rng_for(self.seed, iteration, "batch")
+        size = min(train.batch_size, len(train_set))
+        outputs = list(self.plan.spec.outputs.items())
+        if not train.balance_batch or len(outputs) != 1 or self.plan.nodes[outputs[0][0]].output_type != "choice":
+            return sorted(rng.sample(range(len(train_set)), size))
+        field_name = outputs[0][1]
+        by_label: dict[str, list[int]] = {}
+        for i, ex in enumerate(train_set):
+            by_label.setdefault(ex[field_name], []).append(i)
+        for group in by_label.values():
+            rng.shuffle(group)
+        labels = sorted(by_label)
+        rng.shuffle(labels)
+        chosen: list[int] = []
+        while len(chosen) < size:
+            for label in labels:
+                if by_label[label] and len(chosen) < size:
+                    chosen.append(by_label[label].pop())
+        return sorted(chosen)
+
+    def calibrate(self, params: dict[str, Params]) -> dict[str, Params]:
+        """`params` with the label prior of every calibrated choice layer estimated
+        again where it is unknown (after its prompt or demonstrations changed):
+        batch calibration over the fit's unlabeled train inputs, contextual from
+        content-free inputs; one forward, deduplicated by the backends' memo."""
+        stale = [
+            n
+            for n, p in params.items()
+            if p.bias is None
+            and self.plan.nodes[n].output_type == "choice"
+            and self.plan.spec.nodes[n].calibration != "none"  # type: ignore[union-attr]
+        ]
+        if not stale or not self.calibration_set:
+            return params
+        assert self.trainer is not None
+        batch = any(self.plan.spec.nodes[n].calibration == "batch" for n in stale)  # type: ignore[union-attr]
+        rows = self.calibration_set if batch else self.calibration_set[:1]
+        records = self.trainer.executor(params).run(rows).records
+        out = dict(params)
+        for n in stale:
+            prior = records[n].extra.get("bias") or {}
+            out[n] = Params(params[n].prompt, params[n].demos, tuple(sorted(prior.items())))  # type: ignore[union-attr]
+        return out
+
+    def state(
+        self,
+        iteration: int,
+        params: Mapping[str, Params],
+        best: dict[str, Any],
+        without_gain: int,
+        stopped: bool,
+        memory: list[dict[str, Any]],
+    ) -> dict[str, Any]:
         """A checkpoint: all resume needs, as plain data. Random draws are derived from
         (seed, iteration, purpose), so the seed and the iteration are the whole RNG state."""
         return {
             "iteration": iteration,
             "seed": self.seed,
-            "prompts": dict(prompts),
+            **_learned(params),
             "best": best,
+            "memory": memory,
             "early_stop": {"evaluations_without_gain": without_gain, "stopped": stopped},
             "rng": {"scheme": "sha256(seed, iteration, purpose)", "seed": self.seed, "next_iteration": iteration + 1},
         }
@@ -470,6 +537,7 @@ class Fit:
         posteriors: list[dict[str, Any]],
         before: Usage,
         started: float,
+        dropped: dict[str, dict[str, int]] | None = None,
     ) -> None:
         spent = self.usage() - before
         metrics = {
@@ -478,6 +546,7 @@ class Fit:
             "dev_acc": dev_acc,
             "loss": loss,
             "accepted": accepted,
+            "dropped_proposals": dropped or {},
             "calls": spent.calls,
             "requests": spent.requests,
             "prompt_tokens": spent.prompt_tokens,
@@ -496,20 +565,68 @@ class Fit:
             total.add(backend.usage)
         return total
 
-    def evaluate(self, prompts: Mapping[str, str], examples: list[Example]) -> tuple[float, list[dict[str, Any]]]:
-        """Accuracy of the output nodes on `examples` (one batched call per node) and predictions."""
+    def evaluate(
+        self, params: Mapping[str, Params], examples: list[Example]
+    ) -> tuple[float, float | None, list[dict[str, Any]]]:
+        """Accuracy of the output nodes on `examples` (one batched call per node), the
+        mean (calibrated) log-prob of the targets of choice outputs, and predictions."""
         if not examples:
-            return 0.0, []
+            return 0.0, None, []
         assert self.trainer is not None
-        result = self.trainer.executor(prompts).run(examples)
+        result = self.trainer.executor(params).run(examples)
         outputs = [result.outputs(i) for i in range(len(examples))]
         rows = [_prediction(self.plan, i, ex, out) for i, (ex, out) in enumerate(zip(examples, outputs))]
-        return _accuracy(self.plan, outputs, examples), rows
+        logprobs = [
+            record.choice_logprobs[i][ex[self.plan.spec.outputs[n]]]
+            for n, record in sorted(result.records.items())
+            if n in self.plan.spec.outputs and record.choice_logprobs is not None
+            for i, ex in enumerate(examples)
+        ]
+        loglik = round(sum(logprobs) / len(logprobs), 6) if logprobs else None
+        return _accuracy(self.plan, outputs, examples), loglik, rows
 
     def finish(self, state: dict[str, Any], dev_set: list[Example]) -> None:
-        _, predictions = self.evaluate(state["best"]["prompts"], dev_set)
+        _, _, predictions = self.evaluate(_params(state["best"]), dev_set)
         self.run.write_predictions("best", predictions)
         plot_curve(self.run.read(self.run.metrics), self.run.curve, self.plan.name)
+
+
+def _learned(params: Mapping[str, Params], **fields: Any) -> dict[str, Any]:
+    """Layer parameters as plain checkpoint data: `prompts`, and `demos` / `calibration`
+    for the nodes that have them, after `fields`."""
+    return {
+        **fields,
+        "prompts": {n: p.prompt for n, p in sorted(params.items())},
+        "demos": {n: p.demo_dicts() for n, p in sorted(params.items()) if p.demos},
+        "calibration": {n: p.bias_dict() for n, p in sorted(params.items()) if p.bias is not None},
+    }
+
+
+def _params(data: Mapping[str, Any]) -> dict[str, Params]:
+    """Parameters back from checkpoint data (`_learned`'s inverse)."""
+    shown, priors = data.get("demos") or {}, data.get("calibration") or {}
+    return {
+        n: Params(
+            prompt,
+            tuple(tuple(sorted(d.items())) for d in shown.get(n, [])),
+            tuple(sorted(priors[n].items())) if n in priors else None,
+        )
+        for n, prompt in data["prompts"].items()
+    }
+
+
+def _rank(entry: Mapping[str, Any]) -> tuple[float, float]:
+    """Best-on-dev order: accuracy, ties broken by the targets' dev log-likelihood."""
+    acc, loglik = entry.get("dev_acc"), entry.get("dev_loglik")
+    return (-math.inf if acc is None else acc, -math.inf if loglik is None else loglik)
+
+
+def _remember(memory: list[dict[str, Any]], entry: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """The `size` best distinct parameter sets seen on dev, best first (the earlier of equals)."""
+    key = lambda e: (e["prompts"], e["demos"])  # noqa: E731 - same parameters, whatever their prior
+    kept = [m for m in memory if key(m) != key(entry)] + [entry]
+    kept.sort(key=lambda e: (_rank(e), -e["iteration"]), reverse=True)
+    return kept[:size]
 
 
 # ---------------------------------------------------------------------- small pure helpers
@@ -527,7 +644,7 @@ def _needs_posterior(plan: ExecutionPlan) -> dict[str, bool]:
     }
 
 
-def _thinking_scores(name: str, backend: str, items: list[tuple[str, Row, str]]) -> Deferred[list[TargetScore]]:
+def _thinking_scores(name: str, backend: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
     """A Deep-Thinking node's class-normalized log-prob of each target (it has no prompt:
     its learned K/V state answers), as requests the trainer batches like any other."""
     requests = [tuple(sorted(row.items())) for _, row, _ in items]
@@ -544,10 +661,6 @@ def _regroup(flat: list[TargetScore], candidates: list[list[str]]) -> list[list[
         out.append(flat[at : at + len(cands)])
         at += len(cands)
     return out
-
-
-def _chunks(flat: list[TargetScore], size: int) -> list[list[TargetScore]]:
-    return [flat[i : i + size] for i in range(0, len(flat), size)]
 
 
 def _correct(plan: ExecutionPlan, outputs: Mapping[str, str], example: Example) -> bool:

@@ -12,6 +12,7 @@ from dlngraph.runtime.backends.base import Backend
 from dlngraph.runtime.cache import Cache, CachedBackend
 from dlngraph.runtime.executor import Executor
 from dlngraph.runtime.layers import choice, text
+from dlngraph.runtime.layers.base import Params
 from dlngraph.spec import Spec
 
 pytestmark = pytest.mark.model
@@ -40,7 +41,7 @@ def sentiment_plan(build_plan: Callable[..., ExecutionPlan]) -> ExecutionPlan:
 def test_choice_node_classifies_obvious_sentiment(torch_backend: Backend, sentiment_plan: ExecutionPlan) -> None:
     plan = sentiment_plan
     rows = [{"input": x} for x, _ in EXAMPLES]
-    record = choice.forward(plan.nodes["sentiment"], plan.spec.nodes["sentiment"], torch_backend, INSTRUCTION, rows)
+    record = choice.forward(plan.nodes["sentiment"], plan.spec.nodes["sentiment"], torch_backend, Params(INSTRUCTION), rows)
     assert record.outputs == [y for _, y in EXAMPLES]
     assert record.rendered[0].startswith(INSTRUCTION) and EXAMPLES[0][0] in record.rendered[0]
     for logprobs in record.choice_logprobs or []:
@@ -53,7 +54,7 @@ def test_candidate_scoring_is_one_backend_call(
     plan = sentiment_plan
     node, spec = plan.nodes["sentiment"], plan.spec.nodes["sentiment"]
     rows = [{"input": x} for x, _ in EXAMPLES[:3]]
-    candidates = [INSTRUCTION, "Say whether the review is positive or negative."]
+    candidates = [Params(INSTRUCTION), Params("Say whether the review is positive or negative.")]
     items = [(p, row, y) for p in candidates for row, (_, y) in zip(rows, EXAMPLES)]
     backend = CachedBackend(torch_backend, response_cache)
     values = choice.target_logprobs(node, spec, backend, items)
@@ -62,7 +63,7 @@ def test_candidate_scoring_is_one_backend_call(
     assert backend.usage.calls == 1  # every request was already answered
     assert values[3:] == pytest.approx([lp[y] for lp, (_, y) in zip(forward.choice_logprobs or [], EXAMPLES)])
     with pytest.raises(RuntimeFailure, match="not one of the choices"):
-        choice.target_logprobs(node, spec, backend, [(INSTRUCTION, rows[0], "neutral")])
+        choice.target_logprobs(node, spec, backend, [(Params(INSTRUCTION), rows[0], "neutral")])
 
 
 def test_text_target_logprobs_prefers_the_likely_text(
@@ -79,7 +80,7 @@ def test_text_target_logprobs_prefers_the_likely_text(
     node, spec = plan.nodes["capital"], plan.spec.nodes["capital"]
     row = {"input": "France"}
     calls = torch_backend.usage.calls
-    good, bad = text.target_logprobs(node, spec, torch_backend, [("The capital of", row, "Paris"), ("The capital of", row, "Banana")])
+    good, bad = text.target_logprobs(node, spec, torch_backend, [(Params("The capital of"), row, "Paris"), (Params("The capital of"), row, "Banana")])
     assert torch_backend.usage.calls == calls + 1
     assert good > bad
 

@@ -21,6 +21,7 @@ from dlngraph.runtime.backends.base import GenerateRequest, Generation, ScoreReq
 from dlngraph.runtime.backward import (
     Attempt,
     TargetScore,
+    filter_proposals,
     meta_sample,
     posterior_logits,
     posterior_weights,
@@ -66,7 +67,11 @@ def test_each_proposal_asks_for_the_next_directive_and_copies_are_dropped():
     assert asked == ["Shorten it.", "Clarify it.", "Shorten it."]
     assert len({r.seed for r in deferred.requests}) == 3  # same directive, different sample
     generations = [Generation(texts=(t,)) for t in ("Short.", " Classify. ", "Short.")]
-    assert deferred.decode(generations) == ["Classify.", "Short."]
+    texts = deferred.decode(generations)
+    assert texts == ["Short.", "Classify.", "Short."]
+    kept, dropped = filter_proposals("Classify.", texts, train.proposal_directives)
+    assert kept == ["Short."]
+    assert dropped == {"empty": 0, "duplicate": 2, "scaffolding": 0}
 
 
 def test_posterior_meta_prompt_lists_every_child_target():
@@ -121,7 +126,7 @@ def test_posterior_logits_sum_every_child_and_penalize_wrong_answers():
 def test_select_candidate_takes_the_argmax_of_mean_target_logprob():
     scores = [[TargetScore(-1.0), TargetScore(-1.0)], [TargetScore(-0.2), TargetScore(-0.4)], [TargetScore(-2.0)] * 2]
     chosen = select_candidate(["cur", "new", "bad"], scores, trust_region=0.0)
-    assert (chosen.prompt, chosen.index) == ("new", 1)
+    assert (chosen.candidate, chosen.index) == ("new", 1)
     assert chosen.loss == pytest.approx(0.3)
 
 
@@ -137,8 +142,8 @@ def test_trust_region_penalizes_candidates_that_move_the_class_distribution():
     current = [TargetScore(math.log(0.6), dist(0.6))]
     near = [TargetScore(math.log(0.65), dist(0.65))]
     far = [TargetScore(math.log(0.99), dist(0.99))]
-    assert select_candidate(["cur", "near", "far"], [current, near, far], 0.0).prompt == "far"
-    assert select_candidate(["cur", "near", "far"], [current, near, far], 2.0).prompt == "near"
+    assert select_candidate(["cur", "near", "far"], [current, near, far], 0.0).candidate == "far"
+    assert select_candidate(["cur", "near", "far"], [current, near, far], 2.0).candidate == "near"
 
 
 # ---------------------------------------------------------------------- a DAG with fan-out and fan-in
@@ -241,7 +246,7 @@ def test_the_best_candidate_under_the_scores_is_selected(tmp_path):
     plan = compile_spec(write_spec(tmp_path, DAG_SPEC.replace("D-prompt", "plain")))
 
     def text(r: GenerateRequest) -> str:
-        return "GOOD instruction" if "Improved instruction" in r.prompt else hashed_text(r)
+        return "GOOD advice" if "Improved instruction" in r.prompt else hashed_text(r)
 
     def logprobs(r: ScoreRequest) -> list[float]:
         return [-0.01 if "GOOD" in r.prefix + r.prompt and r.continuation.strip() == "yes" else -2.0]
@@ -249,7 +254,7 @@ def test_the_best_candidate_under_the_scores_is_selected(tmp_path):
     trainer = Trainer(plan, {"local": ScriptedBackend(text=text, logprobs=logprobs)}, seed=3)
     examples = [{"input": f"x{i}", "label": "yes"} for i in range(3)]
     result = trainer.step({n: plan.spec.nodes[n].prompt for n in plan.nodes}, examples, [0, 1, 2], iteration=1)
-    assert result.prompts["d"] == "GOOD instruction" and result.accepted["d"]
+    assert result.prompts["d"] == "GOOD advice" and result.accepted["d"]
 
 
 def test_empty_generations_are_scored_not_crashed(tmp_path):
@@ -297,7 +302,7 @@ def test_fit_writes_the_run_directory_contract(tmp_path):
     metrics = run.read(run.metrics)
     assert [m["iteration"] for m in metrics] == list(range(result.iterations + 1))
     assert set(metrics[1]) == {
-        "iteration", "train_acc", "dev_acc", "loss", "accepted", "calls", "requests",
+        "iteration", "train_acc", "dev_acc", "loss", "accepted", "dropped_proposals", "calls", "requests",
         "prompt_tokens", "completion_tokens", "cost", "seconds",
     }
     assert metrics[0]["train_acc"] is None and metrics[0]["dev_acc"] is not None
@@ -308,7 +313,7 @@ def test_fit_writes_the_run_directory_contract(tmp_path):
         f"iter-{i:04d}.yaml" for i in range(result.iterations + 1)
     ]
     best = yaml.safe_load(run.best.read_text())
-    assert set(best) == {"iteration", "dev_acc", "prompts"}
+    assert set(best) == {"iteration", "dev_acc", "dev_loglik", "prompts", "demos", "calibration"}
     rows = run.read(run.predictions("initial"))
     assert len(rows) == 4 and set(rows[0]) == {"index", "input", "target", "prediction", "correct"}
     assert run.predictions("best").is_file()

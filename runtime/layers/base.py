@@ -23,3 +23,28 @@ class ForwardRecord:
     choice_logprobs: list[dict[str, float]] | None = None
     seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+Demo = tuple[tuple[str, str], ...]  # one demonstration: sorted (field, value) pairs, the target as "label"
+
+
+@dataclass(frozen=True)
+class Params:
+    """A layer's learnable state, as one hashable value the trainer can compare,
+    deduplicate and keep: the instruction, the demonstrations its template shows
+    as `{{ demos }}`, and the fitted label prior of a calibrated choice node
+    (None: estimate it where the node is scored; see runtime/calibration.py)."""
+
+    prompt: str
+    demos: tuple[Demo, ...] = ()
+    bias: tuple[tuple[str, float], ...] | None = None
+
+    def demo_dicts(self) -> list[dict[str, str]]:
+        return [dict(d) for d in self.demos]
+
+    def bias_dict(self) -> dict[str, float] | None:
+        return None if self.bias is None else dict(self.bias)
+
+    def uncalibrated(self) -> "Params":
+        """The same prompt and demonstrations, with the prior to be estimated again."""
+        return Params(self.prompt, self.demos, None)

@@ -2,62 +2,67 @@
 
 Forward scores every choice as a continuation of the rendered prompt and picks
 the most likely; its log-probs are normalized over the choices (so they read as
-a distribution over labels). All examples x all choices go to the backend in
-ONE `score` call, with the rendered instruction as the shared prefix.
+a distribution over labels), then calibrated if the node asks for it (the
+label prior divided out, runtime/calibration.py). All examples x all choices go
+to the backend in ONE `score` call, with the rendered instruction and
+demonstrations as the shared prefix.
+
+Calibration follows the parameters: a `Params` with a fitted prior (`bias`)
+uses it; without one, `batch` estimates the prior from the rows scored with the
+same parameters (Zhou et al.'s batch calibration, no extra call) and
+`contextual` from content-free inputs scored in the same call. So a candidate
+prompt or demonstration set is always scored under its own prior.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
 from dlngraph.compiler.plan import PlanNode
 from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime import calibration, demos
 from dlngraph.runtime.backends.base import Backend, Score
 from dlngraph.runtime.backward import Deferred, TargetScore, run_now
-from dlngraph.runtime.layers.base import ForwardRecord, Row
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
 from dlngraph.runtime.template import render, score_request
 from dlngraph.spec import LayerNode, TrainSpec
 
 
-def forward(node: PlanNode, spec: LayerNode, backend: Backend, prompt: str, rows: list[Row]) -> ForwardRecord:
+def forward(node: PlanNode, spec: LayerNode, backend: Backend, params: Params, rows: list[Row]) -> ForwardRecord:
     started = time.perf_counter()
     choices = list(spec.output.choices)  # type: ignore[union-attr]
-    rendered = [render(spec.template, prompt, row, node=node.name) for row in rows]
-    scored = choice_logprobs(node, spec, backend, [(prompt, row) for row in rows])
+    shown = demos.text_of(spec, params.demos, node=node.name)
+    rendered = [render(spec.template, params.prompt, row, node=node.name, demos=shown) for row in rows]
+    priors: dict[Params, dict[str, float] | None] = {}
+    scored = run_now(distributions(node, spec, [(params, row) for row in rows], priors), backend)
     # max() keeps the first of tied choices, so ties break by the spec's order.
     outputs = [max(choices, key=lambda c: lp[c]) for lp in scored]
     return ForwardRecord(
         node=node.name,
-        prompt=prompt,
+        prompt=params.prompt,
         rendered=rendered,
         outputs=outputs,
         choice_logprobs=scored,
         seconds=time.perf_counter() - started,
+        # the prior this forward applied: the fit keeps it as the node's fitted bias
+        extra={"bias": priors.get(params)} if spec.calibration != "none" else {},
     )
 
 
 def choice_logprobs(
-    node: PlanNode, spec: LayerNode, backend: Backend, pairs: Sequence[tuple[str, Row]]
+    node: PlanNode, spec: LayerNode, backend: Backend, pairs: Sequence[tuple[Params, Row]]
 ) -> list[dict[str, float]]:
-    """Per (prompt, row): class-normalized log-prob of every choice, from one score call."""
+    """Per (params, row): class-normalized (and calibrated) log-prob of every choice, from one score call."""
     return run_now(distributions(node, spec, pairs), backend)
 
 
 def target_logprobs(
-    node: PlanNode, spec: LayerNode, backend: Backend, items: Sequence[tuple[str, Row, str]]
+    node: PlanNode, spec: LayerNode, backend: Backend, items: Sequence[tuple[Params, Row, str]]
 ) -> list[float]:
-    """Class-normalized log-prob of each (prompt, row, target) in one score call,
+    """Class-normalized log-prob of each (params, row, target) in one score call,
     so N candidate prompts x B examples cost one batched backend call."""
     return [s.logprob for s in run_now(target_scores(node, spec, items), backend)]
-
-
-def _logsumexp(values: list[float]) -> float:
-    top = max(values)
-    if top == -math.inf:
-        return top
-    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 # ---------------------------------------------------------------------- backward
@@ -65,30 +70,58 @@ def _logsumexp(values: list[float]) -> float:
 # the trainer merges every node of a backward stage into one call per backend.
 
 
-def distributions(node: PlanNode, spec: LayerNode, pairs: Sequence[tuple[str, Row]]) -> Deferred[list[dict[str, float]]]:
-    """Every choice of every (prompt, row) as one score request list, read back as
-    class-normalized log-probs (the instruction is the shared prefix)."""
+def distributions(
+    node: PlanNode,
+    spec: LayerNode,
+    pairs: Sequence[tuple[Params, Row]],
+    priors: dict[Params, dict[str, float] | None] | None = None,
+) -> Deferred[list[dict[str, float]]]:
+    """Every choice of every (params, row) as one score request list, read back as
+    class-normalized log-probs, calibrated per the node's `calibration`; the prior
+    applied to each distinct Params is written into `priors` when given."""
     choices = list(spec.output.choices)  # type: ignore[union-attr]
+    method = spec.calibration
+    distinct = list(dict.fromkeys(p for p, _ in pairs))
+    # Content-free rows go after the real ones, per Params that has no fitted prior.
+    free = calibration.content_free_rows(node.inputs + node.parents) if method == "contextual" else []
+    extra = [(p, row) for p in distinct if p.bias is None for row in free]
     requests = [
-        score_request(spec.template, prompt, row, choice, node=node.name) for prompt, row in pairs for choice in choices
+        score_request(
+            spec.template, p.prompt, row, choice, node=node.name, demos=demos.text_of(spec, p.demos, node=node.name)
+        )
+        for p, row in [*pairs, *extra]
+        for choice in choices
     ]
+    priors = {} if priors is None else priors
 
     def decode(scores: list[Score]) -> list[dict[str, float]]:
-        out = []
+        raw = []
         for start in range(0, len(scores), len(choices)):
             totals = [s.total for s in scores[start : start + len(choices)]]
-            norm = _logsumexp(totals)
-            out.append({c: t - norm for c, t in zip(choices, totals)})
-        return out
+            norm = calibration.logsumexp(totals)
+            raw.append({c: t - norm for c, t in zip(choices, totals)})
+        own, free_scored = raw[: len(pairs)], raw[len(pairs) :]
+        if method == "none":
+            return own
+        at = 0
+        for p in distinct:
+            if p.bias is not None:
+                priors[p] = p.bias_dict()
+            elif method == "contextual":
+                priors[p] = calibration.estimate(free_scored[at : at + len(free)])
+                at += len(free)
+            else:
+                priors[p] = calibration.estimate([d for (q, _), d in zip(pairs, own) if q == p])
+        return [calibration.apply(d, priors[p] or {}) for (p, _), d in zip(pairs, own)]
 
     return Deferred(node.backend, "score", requests, decode)
 
 
 def target_scores(
-    node: PlanNode, spec: LayerNode, items: Sequence[tuple[str, Row, str]]
+    node: PlanNode, spec: LayerNode, items: Sequence[tuple[Params, Row, str]]
 ) -> Deferred[list[TargetScore]]:
-    """How likely each (prompt, row, target) is: the target's class-normalized
-    log-prob, with the whole distribution (for trust-region KL and wrong answers)."""
+    """How likely each (params, row, target) is: the target's class-normalized
+    (calibrated) log-prob, with the whole distribution (for trust-region KL and wrong answers)."""
     choices = set(spec.output.choices)  # type: ignore[union-attr]
     unknown = sorted({target for _, _, target in items} - choices)
     if unknown:
@@ -97,7 +130,7 @@ def target_scores(
             node=node.name,
             hint="the dataset's labels must be spelled exactly like the node's choices",
         )
-    inner = distributions(node, spec, [(prompt, row) for prompt, row, _ in items])
+    inner = distributions(node, spec, [(params, row) for params, row, _ in items])
 
     def decode(scores: list[Score]) -> list[TargetScore]:
         return [TargetScore(lp[target], lp) for (_, _, target), lp in zip(items, inner.decode(scores))]
@@ -108,15 +141,16 @@ def target_scores(
 def posterior_samples(
     node: PlanNode,
     spec: LayerNode,
-    prompt: str,
+    params: Params,
     rows: Sequence[Row],
     outputs: Sequence[str],
     child_targets: Sequence[Sequence[tuple[str, str]]],
     train: TrainSpec,
     seed: int,
+    proposer: str,
 ) -> Deferred[list[list[str]]]:
     """A hidden choice node's posterior candidates are its choices: nothing to sample.
     (The current output comes first, as for text nodes.)"""
     choices = list(spec.output.choices)  # type: ignore[union-attr]
     candidates = [[out, *(c for c in choices if c != out)] for out in outputs]
-    return Deferred(node.backend, "generate", [], lambda _answers: candidates)
+    return Deferred(proposer, "generate", [], lambda _answers: candidates)

@@ -1,0 +1,175 @@
+"""Optimizers: how a backward stage's trainable layers choose their next parameters.
+
+A strategy object, as DSPy's `Teleprompter.compile` or TextGrad's
+`Optimizer.step`: the trainer runs the forward and the posterior (the targets of
+hidden nodes), then hands each backward stage to `Optimizer.step`, which returns
+one `Selection` of new `Params` per trainable layer of the stage. The trainer's
+loop knows nothing of how candidates are made or chosen, so another optimizer
+plugs in by implementing `step`.
+
+`DLNSearch` is the first: DLN-1's step (Sordoni et al. 2023) over the layer's
+whole parameters, with the search signal a small model needs (issue 14):
+
+- the pool: the current parameters, instruction proposals from the meta-prompt
+  (written by the proposer backend; empty ones, duplicates and copies of the
+  meta-prompt's scaffolding are dropped before scoring and counted), the best
+  parameters seen on dev (`memory`), and for a layer with demonstrations a
+  balanced redraw, a bootstrapped set (batch examples the model already gets
+  right, as DSPy's BootstrapFewShot) and a one-demonstration swap, in turn;
+- the score: every candidate on the (class-balanced) batch, mean log-likelihood
+  of the targets, calibrated under the candidate's own label prior; an example
+  a candidate shows as a demonstration is left out of its mean;
+- the choice: argmax, ties keeping the current parameters.
+
+All proposals of a stage are one generate call, all candidates x examples one
+score call, per backend, as the plan lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from dlngraph.compiler.plan import Stage
+from dlngraph.runtime import demos
+from dlngraph.runtime.backward import (
+    Selection,
+    filter_proposals,
+    proposal_requests,
+    rng_for,
+    select_candidate,
+    stable_seed,
+)
+from dlngraph.runtime.layers.base import Demo, Params
+
+if TYPE_CHECKING:
+    from dlngraph.runtime.trainer import Pass, Trainer
+
+log = logging.getLogger(__name__)
+
+DEMO_MOVES = ("redraw", "bootstrap", "swap")
+
+
+class Optimizer(Protocol):
+    """One backward stage's parameter update (see the module docstring)."""
+
+    def step(
+        self,
+        trainer: "Trainer",
+        stage: Stage,
+        state: "Pass",
+        params: Mapping[str, Params],
+        iteration: int,
+        memory: Sequence[Mapping[str, Params]],
+    ) -> dict[str, Selection[Params]]: ...
+
+
+@dataclass(frozen=True)
+class DLNSearch:
+    """DLN-1 over instruction and demonstrations, with memory (see the module docstring)."""
+
+    def step(
+        self,
+        trainer: "Trainer",
+        stage: Stage,
+        state: "Pass",
+        params: Mapping[str, Params],
+        iteration: int,
+        memory: Sequence[Mapping[str, Params]],
+    ) -> dict[str, Selection[Params]]:
+        names = [n for n in stage.nodes if n in trainer.parameters() and n in state.targets]
+        if not names:
+            return {}
+        train = trainer.train
+        proposing = [n for n in names if train.prompt_proposals > 1]
+        texts = trainer.dispatch(
+            stage,
+            "prompt_proposals",
+            [
+                proposal_requests(
+                    trainer.proposer_of(n),
+                    params[n].prompt,
+                    trainer.attempts(n, state),
+                    train,
+                    rng_for(trainer.seed, iteration, f"meta-examples/{n}"),
+                    stable_seed(trainer.seed, iteration, n, "proposals"),
+                )
+                for n in proposing
+            ],
+        )
+        proposed = dict(zip(proposing, texts))
+        candidates: dict[str, list[Params]] = {}
+        dropped: dict[str, dict[str, int]] = {}
+        for n in names:
+            current = params[n].uncalibrated()
+            remembered = [m[n].uncalibrated() for m in memory if n in m]
+            kept, dropped[n] = filter_proposals(
+                current.prompt, proposed.get(n, []), train.proposal_directives, [r.prompt for r in remembered]
+            )
+            pool = [current, *(Params(p, current.demos) for p in kept), *remembered]
+            pool += self.demo_candidates(trainer, n, current, state, iteration)
+            candidates[n] = list(dict.fromkeys(pool))  # the same parameters are scored once
+        trust_text = train.trust_region > 0
+        deferred = []
+        for n in names:
+            rows, targets = state.rows[n], state.targets[n]
+            deferred.append(trainer.score_targets(n, [(p, row, t) for p in candidates[n] for row, t in zip(rows, targets)]))
+            if trust_text and trainer.plan.nodes[n].output_type == "text":
+                outputs = state.result.records[n].outputs
+                deferred.append(trainer.score_targets(n, [(p, r, o) for p in candidates[n] for r, o in zip(rows, outputs)]))
+        scored = iter(trainer.dispatch(stage, "candidate_scoring", deferred))
+        selections: dict[str, Selection[Params]] = {}
+        for n in names:
+            b = len(state.batch)
+            flat = next(scored)
+            per_candidate = [flat[i : i + b] for i in range(0, len(flat), b)]
+            current_outputs = None
+            if trust_text and trainer.plan.nodes[n].output_type == "text":
+                flat = next(scored)
+                current_outputs = [flat[i : i + b] for i in range(0, len(flat), b)]
+            shown = self.batch_demos(trainer, n, state)
+            masks = [[d not in set(p.demos) for d in shown] for p in candidates[n]] if shown else None
+            chosen = select_candidate(candidates[n], per_candidate, train.trust_region, current_outputs, masks)
+            selections[n] = Selection(chosen.candidate, chosen.index, chosen.objective, chosen.loss, dropped[n])
+            log.info(
+                "iteration %d %s: candidate %d of %d (objective %s; dropped %s)",
+                iteration, n, chosen.index, len(candidates[n]), [round(x, 3) for x in chosen.objective], dropped[n],
+            )  # fmt: skip
+        return selections
+
+    # ------------------------------------------------------------------ demonstrations
+
+    def demo_candidates(
+        self, trainer: "Trainer", name: str, current: Params, state: "Pass", iteration: int
+    ) -> list[Params]:
+        """Demonstration sets to try with the current instruction: balanced redraw,
+        bootstrapped (correct batch examples first), one swap, in turn."""
+        spec = trainer.plan.spec.nodes[name].demos  # type: ignore[union-attr]
+        if spec is None or not spec.search or spec.examples is not None:
+            return []
+        everything = trainer.demo_pool(name)
+        shown = self.batch_demos(trainer, name, state)
+        outputs = state.result.records[name].outputs
+        correct = [d for d, out, t in zip(shown, outputs, state.targets[name]) if out.strip() == t.strip()]
+        out = []
+        for j in range(trainer.train.demo_candidates):
+            move = DEMO_MOVES[j % len(DEMO_MOVES)]
+            rng = rng_for(trainer.seed, iteration, f"demos/{name}/{j}")
+            if move == "redraw":
+                chosen = demos.balanced(everything, spec.count, rng)
+            elif move == "bootstrap":
+                chosen = demos.balanced(everything, spec.count, rng, first=correct)
+            else:
+                chosen = demos.swap(current.demos, everything, rng)
+            out.append(Params(current.prompt, chosen))
+        return out
+
+    @staticmethod
+    def batch_demos(trainer: "Trainer", name: str, state: "Pass") -> list[Demo]:
+        """Each batch example as node `name` would show it as a demonstration ([] without demos)."""
+        node = trainer.plan.nodes[name]
+        if trainer.plan.spec.nodes[name].demos is None or node.target is None:  # type: ignore[union-attr]
+            return []
+        return [demos.as_demo(ex, node.inputs, node.target) for ex in state.batch]
