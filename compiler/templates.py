@@ -1,6 +1,9 @@
 """Jinja templates as the compiler sees them: parsed in a sandbox, variables found.
 
-Parsing is cached by template text, so a spec whose nodes share a template
+Templates are parsed in the one bounded sandbox (`dlngraph.sandbox.ENV`) that
+also renders them, and attribute access the sandbox would refuse at run time
+(`{{ ''.__class__ }}`) is a syntax error here, at compile time. Parsing is
+cached by template text, so a spec whose nodes share a template
 (or a large generated spec) parses each distinct text once. Positions of
 problems are mapped back to the spec file here, because where a template line
 sits depends on how it was written in YAML (plain, quoted or block scalar).
@@ -11,14 +14,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-import jinja2
 from jinja2 import meta
-from jinja2.sandbox import SandboxedEnvironment
 
 from dlngraph.errors import Span
+from dlngraph.sandbox import ENV, unsafe_attribute
 from dlngraph.yamlsource import PathKey, Source
-
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 # Most templates are text plus `{{ name }}` tags. For those the variables can be
@@ -36,7 +36,8 @@ _JINJA_WORDS = frozenset(
 
 @lru_cache(maxsize=1 << 16)
 def variables(text: str) -> frozenset[str]:
-    """The undeclared variables of a template; raises `jinja2.TemplateSyntaxError`."""
+    """The undeclared variables of a template; raises `jinja2.TemplateSyntaxError`
+    (an `UnsafeAttribute` for attribute access the sandbox refuses)."""
     if _SIMPLE.fullmatch(text):
         found = frozenset(_TAG.findall(text))
         if not found & _JINJA_WORDS:
@@ -46,7 +47,11 @@ def variables(text: str) -> frozenset[str]:
 
 def parsed_variables(text: str) -> frozenset[str]:
     """`variables` by a full parse in the sandbox, without the fast path."""
-    return frozenset(meta.find_undeclared_variables(_ENV.parse(text)))
+    ast = ENV.parse(text)
+    unsafe = unsafe_attribute(ast)
+    if unsafe is not None:
+        raise unsafe
+    return frozenset(meta.find_undeclared_variables(ast))
 
 
 def error_span(source: Source, path: PathKey, template_line: int) -> Span:

@@ -11,6 +11,7 @@ as such, instead of as the layer errors pydantic would list for it.
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from dataclasses import replace
@@ -107,7 +108,7 @@ def _diagnostic(source: Source, error: dict, path: PathKey, raw: tuple) -> Diagn
     if raw and raw[-1] == "[key]":
         return source.diagnostic(
             "E103",
-            f"{where}: names must be strings, got {error['input']!r}",
+            f"{where}: names must be strings, got {_short(error['input'])}",
             source.key_span(path),
             node=node,
             hint="quote the name",
@@ -154,8 +155,14 @@ def _did_you_mean(word: str, candidates: list[str], listing: str) -> str:
     return allowed or "remove it"
 
 
+# reprlib stops after a few items and levels, so the repr of a huge (alias-expanded)
+# value costs as little as a small one's; repr() would build all of it first.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 4, 4, 40
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -43,7 +43,22 @@ _CODES = (
          "A spec is a mapping with keys such as `name`, `inputs`, `nodes` and `outputs`. "
          "A leading '- ' makes the whole file a list; remove it."),
     Code("E007", "file-not-found", "The spec file cannot be read.",
-         "The path given to `dlngraph compile` does not exist or is not readable."),
+         "The path given to `dlngraph compile` does not exist, is not readable, or is a "
+         "directory or a device rather than a file (pipes are read, up to the size limit)."),
+    Code("E008", "nesting-too-deep", "Lists and mappings nest deeper than the limit.",
+         "A spec nests a few levels (`nodes:` -> node -> `output:` -> `choices:`). More than "
+         "64 levels is refused before the file is composed; it is usually a run of unclosed "
+         "`[` or `{`, or generated input."),
+    Code("E009", "too-many-values", "The spec holds more values than the limit.",
+         "A spec describes a graph. More than 1,000,000 values (scalars, lists and mappings "
+         "together) is refused while parsing, before they are built; a 50,000-node generated "
+         "spec holds about 500,000. Examples belong in JSONL files named under `data:`."),
+    Code("E010", "alias-expansion", "YAML aliases expand the spec past the limit.",
+         "An alias (`*name`) stands for its anchor's whole value, and an alias inside an "
+         "anchored value multiplies: nine levels of nine aliases make 387 million values from "
+         "900 bytes (an alias bomb). Counted with aliases expanded, a spec may hold at most "
+         "1,000,000 values and 67,108,864 characters; the position shown is the alias that "
+         "passes the limit."),
     Code("E101", "unknown-key", "A key the spec format does not define.",
          "Every level of the spec accepts a fixed set of keys, so a typo is an error rather "
          "than a silently ignored setting. The message suggests the closest valid key; "
@@ -63,7 +78,9 @@ _CODES = (
          "`deep_thinking` (iterative forward tuning of attention K/V over demonstrations)."),
     Code("E201", "template-syntax", "A node's Jinja template does not parse.",
          "Templates are Jinja2 (`{{ variable }}`, `{% if %}`), parsed in a sandbox. The "
-         "position shown is the template line where parsing stopped."),
+         "position shown is the template line where parsing stopped. Attribute access the "
+         "sandbox refuses at run time (a name starting with `_`, such as `''.__class__`) is "
+         "reported here too, at compile time."),
     Code("E202", "undefined-variable", "A template variable names nothing.",
          "Every template variable must be `prompt` (a layer's own learnable prompt), a "
          "dataset field listed under `inputs:`, or the name of another node (which makes an "
@@ -117,7 +134,18 @@ _CODES = (
          "Fields under `inputs:`, the target fields under `outputs:` and a Deep-Thinking "
          "node's `label_field` must be keys of the JSONL rows."),
     Code("E503", "data-file-invalid", "A data file is not JSONL of objects.",
-         "Each line of a data file must be one JSON object mapping field names to strings."),
+         "Each line of a data file must be one JSON object mapping field names to strings. "
+         "The message names the file, line and column but does not show the line: a data "
+         "path may point at a file that is not data, whose content must not be printed."),
+    Code("E504", "data-file-unreadable", "A data path is a directory, a device, or cannot be read.",
+         "Each split under `data:` must name a regular JSONL file that dlngraph can read."),
+    Code("E505", "data-not-utf8", "A data file is not UTF-8.",
+         "JSON text is UTF-8. The position shown is the line and column of the first byte "
+         "that does not decode; re-save the file as UTF-8. Found at compile time, so `eval`, "
+         "`run` and `fit` never stop halfway on it."),
+    Code("E506", "data-file-too-large", "A data file exceeds the size limit.",
+         "A split is read whole into memory at run time, so a data file may hold at most "
+         "256 MiB. Split the data or sample the examples to train and evaluate on."),
     Code("E601", "meta-prompt-invalid", "A built-in meta-prompt template is broken.",
          "The trainer's meta-prompts (prompt proposals, posterior sampling) are checked at "
          "compile time so a broken one fails before any model call. This is a bug in "

@@ -5,12 +5,22 @@ A `SpecError` carries one or more `Diagnostic`s. Each has a stable code
 file, the node it concerns and a hint. Rendering follows Ruff: the first line
 is ``FILE:LINE:COL: error: MESSAGE``, then the source line with a caret, then
 ``help: HINT``. This module imports nothing of the project.
+
+Output is bounded whatever the input: a headline keeps at most
+`MAX_MESSAGE_CHARS` of its message, an echoed source line is cut to a window of
+`SOURCE_WINDOW` characters around the caret, and the full and concise formats
+print the first `MAX_SHOWN` diagnostics and a count of the rest (a one-line
+spec with thousands of mistakes printed 883 MB before these bounds).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+
+MAX_SHOWN = 20  # diagnostics printed in full or concise form; the rest are counted
+MAX_MESSAGE_CHARS = 400  # of a message, which may quote a key or value of any length
+SOURCE_WINDOW = 120  # characters of an echoed source line, around the caret
 
 
 @dataclass(frozen=True, order=True)
@@ -36,8 +46,8 @@ class Diagnostic:
 
     @property
     def headline(self) -> str:
-        where = f"node '{self.node}': " if self.node else ""
-        return _one_line(f"{self.file}:{self.span.line}:{self.span.col}: error: {where}{self.message}")
+        where = f"node '{_clip(self.node, 80)}': " if self.node else ""
+        return _one_line(f"{self.file}:{self.span.line}:{self.span.col}: error: {where}{_clip(self.message)}")
 
     def render(self) -> str:
         lines = [self.headline]
@@ -47,12 +57,12 @@ class Diagnostic:
             width = 1
             if self.span.end_line == self.span.line and self.span.end_col:
                 width = max(1, self.span.end_col - self.span.col)
-            text = self.source_line.rstrip("\n")
-            width = max(1, min(width, len(text) - self.span.col + 1))
+            text, col = _window(self.source_line.rstrip("\n"), self.span.col)
+            width = max(1, min(width, len(text) - col + 1))
             lines.append(f"{pad} |")
             lines.append(f"{gutter} | {text}")
-            lines.append(f"{pad} | {' ' * (self.span.col - 1)}{'^' * width} {self.name}")
-        lines.append(f"  = help: {self.hint or 'see `dlngraph explain ' + self.code + '`'}")
+            lines.append(f"{pad} | {' ' * (col - 1)}{'^' * width} {self.name}")
+        lines.append(f"  = help: {_one_line(_clip(self.hint)) if self.hint else 'see `dlngraph explain ' + self.code + '`'}")
         lines.append(f"  = code: {self.code} ({self.name})")
         return "\n".join(lines)
 
@@ -62,6 +72,7 @@ class Diagnostic:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source_line")
+        d["message"] = _clip(self.message)
         return d
 
 
@@ -76,6 +87,20 @@ _CONTROL = (
 
 def _one_line(text: str) -> str:
     return text.translate(_CONTROL)
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _window(text: str, col: int) -> tuple[str, int]:
+    """At most SOURCE_WINDOW characters of `text` around 1-based `col`, and the caret's column in them."""
+    if len(text) <= SOURCE_WINDOW:
+        return text, col
+    start = min(max(0, col - 1 - SOURCE_WINDOW // 3), len(text) - SOURCE_WINDOW)
+    head = "..." if start > 0 else ""
+    tail = "..." if start + SOURCE_WINDOW < len(text) else ""
+    return f"{head}{text[start : start + SOURCE_WINDOW]}{tail}", col - start + len(head)
 
 
 class DlngraphError(Exception):
@@ -101,11 +126,16 @@ class SpecError(DlngraphError):
         super().__init__(self.render())
 
     def render(self, fmt: str = "full") -> str:
+        """All diagnostics as JSON (each of bounded size), or the first MAX_SHOWN as text."""
         if fmt == "json":
             return json.dumps([d.to_dict() for d in self.diagnostics], indent=2, sort_keys=True)
-        if fmt == "concise":
-            return "\n".join(d.concise() for d in self.diagnostics)
-        return "\n\n".join(d.render() for d in self.diagnostics)
+        shown = self.diagnostics[:MAX_SHOWN]
+        gap = "\n" if fmt == "concise" else "\n\n"
+        text = gap.join(d.concise() if fmt == "concise" else d.render() for d in shown)
+        rest = len(self.diagnostics) - len(shown)
+        if rest:
+            text += f"{gap}... and {rest:,} more error{'s' * (rest > 1)} not shown; fix these and compile again"
+        return text
 
 
 class RuntimeFailure(DlngraphError):

@@ -4,13 +4,24 @@
 returns a `Source`: the plain data plus a map from a path of keys/indices
 (``("nodes", "answer", "template")``) to the spans of that key and its value,
 so later passes can point errors at the user's own text. File-level mistakes
-(too big, not UTF-8, empty, YAML syntax, duplicate keys, a top level that is
-not a mapping) are `SpecError`s here. This module imports only dlngraph.errors.
+(too big, not a file, not UTF-8, empty, YAML syntax, duplicate keys, a top
+level that is not a mapping) are `SpecError`s here. This module imports only
+dlngraph.errors and dlngraph.codes.
+
+Every input is bounded before it can cost much: the size is checked before the
+file is read, and one streaming pass over the parser's events (before any node
+is composed) bounds nesting depth and the number of values and characters the
+document holds once its aliases are expanded. Shared (aliased) nodes are
+built once here, but every later consumer (validation, error messages, the
+plan) sees the expanded value, so a nine-level alias bomb of 900 bytes would
+otherwise cost gigabytes downstream.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +32,13 @@ from dlngraph.codes import name_of
 from dlngraph.errors import Diagnostic, SpecError, Span
 
 MAX_SPEC_BYTES = 16 * 1024 * 1024  # large enough for a 50,000-node generated spec
+MAX_DEPTH = 64  # a real spec nests about 6 levels
+# Values (scalars, lists, mappings) after alias expansion: a 50,000-node
+# generated spec (benchmarks/compile_scale.py) holds about 500,000.
+MAX_VALUES = 1_000_000
+# Characters of all scalars after alias expansion. Without aliases a spec holds
+# fewer than MAX_SPEC_BYTES; aliases may repeat a shared template, not explode.
+MAX_EXPANDED_CHARS = 4 * MAX_SPEC_BYTES
 
 PathKey = tuple[str | int, ...]
 
@@ -103,29 +121,62 @@ class Source:
 
 
 def load_source(path: str | Path) -> Source:
-    """Read and compose `path`; file-level problems raise `SpecError`."""
+    """Read and compose `path`; file-level problems raise `SpecError`.
+
+    The size is checked before reading, and at most MAX_SPEC_BYTES + 1 bytes
+    are read, so `/dev/zero` or a growing file cannot exhaust memory. Only
+    regular files and pipes (`<(generate-spec)`) are read.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+                raise _file_error(
+                    path, "E007", f"the spec path is {_kind_of(info.st_mode)}, not a file: {path}",
+                    "give the path of a YAML spec file",
+                )  # fmt: skip
+            if info.st_size > MAX_SPEC_BYTES:
+                raise _too_large(path, info.st_size)
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise _file_error(path, "E007", f"spec file not found: {path}", "check the path") from None
+    except IsADirectoryError:
+        raise _file_error(
+            path, "E007", f"the spec path is a directory, not a file: {path}", "give the path of a YAML spec file"
+        ) from None
     except OSError as exc:
         raise _file_error(path, "E007", f"cannot read the spec file: {exc.strerror}", None) from None
     return parse_source(raw, path)
 
 
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _too_large(path: Path, size: int) -> SpecError:
+    return _file_error(
+        path,
+        "E003",
+        f"spec file is {size:,} bytes, more than the limit of {MAX_SPEC_BYTES:,}",
+        "a spec describes a graph; put data in JSONL files named under `data:`",
+    )
+
+
 def parse_source(raw: bytes, path: Path) -> Source:
     """Compose `raw` (the bytes of the file at `path`) into a `Source`."""
     if len(raw) > MAX_SPEC_BYTES:
-        raise _file_error(
-            path,
-            "E003",
-            f"spec file is {len(raw):,} bytes, more than the limit of {MAX_SPEC_BYTES:,}",
-            "a spec describes a graph; put data in JSONL files named under `data:`",
-        )
+        raise _too_large(path, len(raw))
     text = _decode(raw, path)
     source = Source(path=path, text=text, data=None)
     try:
+        _check_bounds(source)
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(source, exc) from None
@@ -176,6 +227,84 @@ def _decode(raw: bytes, path: Path) -> str:
             )
         ) from None
     return text.removeprefix("\ufeff")
+
+
+def _check_bounds(source: Source) -> None:
+    """Bound depth, values and characters (aliases expanded) in one pass over the events.
+
+    Runs on the parser's event stream, before anything is composed, and stops
+    at the first event past a limit, so its cost is bounded by the limits, not
+    by the input. An alias counts as many values and characters as its
+    anchor's whole value: that is what every later consumer will see.
+    """
+    loader = _Loader(source.text)
+    # per open collection: (values, chars) seen before it started, and its anchor
+    open_: list[tuple[int, int, str | None]] = []
+    anchored: dict[str, tuple[int, int]] = {}  # anchor -> expanded (values, chars)
+    values = chars = 0
+    try:
+        while (event := loader.get_event()) is not None:
+            kind = type(event)
+            if kind is yaml.ScalarEvent:
+                values, chars = values + 1, chars + len(event.value)
+                if event.anchor is not None:
+                    anchored[event.anchor] = (1, len(event.value))
+            elif kind is yaml.AliasEvent:
+                # an alias of an anchor still open (a recursive alias) is left to the builder
+                more, more_chars = anchored.get(event.anchor, (1, 0))
+                values, chars = values + more, chars + more_chars
+                if values > MAX_VALUES or chars > MAX_EXPANDED_CHARS:
+                    raise _alias_bomb(source, event, values > MAX_VALUES)
+            elif kind is yaml.SequenceStartEvent or kind is yaml.MappingStartEvent:
+                open_.append((values, chars, event.anchor))
+                values += 1
+                if len(open_) > MAX_DEPTH:
+                    raise SpecError(
+                        source.diagnostic(
+                            "E008",
+                            f"lists and mappings nest more than {MAX_DEPTH} levels deep here",
+                            _mark_span(event.start_mark),
+                            hint="a spec nests a few levels (nodes -> node -> output); check for unclosed brackets",
+                        )
+                    )
+            elif kind is yaml.SequenceEndEvent or kind is yaml.MappingEndEvent:
+                before, before_chars, anchor = open_.pop()
+                if anchor is not None:
+                    anchored[anchor] = (values - before, chars - before_chars)
+            else:
+                continue
+            if values > MAX_VALUES:
+                raise SpecError(
+                    source.diagnostic(
+                        "E009",
+                        f"the spec holds more than {MAX_VALUES:,} values (scalars, lists and mappings)",
+                        _mark_span(event.start_mark),
+                        hint="a spec describes a graph; put data in JSONL files named under `data:`",
+                    )
+                )
+    finally:
+        loader.dispose()
+
+
+def _alias_bomb(source: Source, event: yaml.AliasEvent, by_count: bool) -> SpecError:
+    what = f"{MAX_VALUES:,} values" if by_count else f"{MAX_EXPANDED_CHARS:,} characters"
+    return SpecError(
+        source.diagnostic(
+            "E010",
+            f"YAML aliases expand the spec to more than {what}; this alias `*{_clip(event.anchor)}` passes the limit",
+            _mark_span(event.start_mark),
+            hint="an alias repeats its anchor's whole value, and an alias inside an anchored value multiplies; "
+            "write the value out or share less",
+        )
+    )
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mark_span(mark: yaml.Mark) -> Span:
+    return Span(mark.line + 1, mark.column + 1)
 
 
 class _Builder:

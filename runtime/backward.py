@@ -17,10 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import jinja2
-from jinja2.sandbox import SandboxedEnvironment
-
 from dlngraph import prompts as meta_prompts
+from dlngraph import sandbox
 from dlngraph.runtime.backends.base import GenerateRequest
 from dlngraph.runtime.template import render
 from dlngraph.spec import TrainSpec
@@ -28,8 +26,6 @@ from dlngraph.spec import TrainSpec
 T = TypeVar("T")
 
 PROPOSAL_STOP = ("\n\n", "##", "[END]")
-
-_META_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,7 @@ def rng_for(seed: int, iteration: int, what: str) -> random.Random:
 
 def render_meta(name: str, **variables: Any) -> str:
     """A built-in meta-prompt (dlngraph/prompts/<name>) rendered with StrictUndefined."""
-    return _META_ENV.from_string(meta_prompts.load(name)).render(**variables)
+    return sandbox.render(meta_prompts.load(name), variables)
 
 
 def shown_input(template: str, row: Mapping[str, str], *, node: str) -> str:

@@ -1,7 +1,9 @@
 """Reading dataset splits: JSONL, one example per line.
 
-A line that is not a JSON object, or lacks a field the spec reads, is an
-error naming the file and line, raised before any model call.
+A line that is not a JSON object, is not UTF-8, or lacks a field the spec
+reads, is an error naming the file and line, raised before any model call; the
+line's text is never shown (the path may name a file that is not data). The
+file checks are the compiler's (`file_problem`), so `compile` and `eval` agree.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from dlngraph.compiler.data_checks import file_problem
 from dlngraph.errors import RuntimeFailure
 
 Example = dict[str, str]
@@ -17,13 +20,20 @@ Example = dict[str, str]
 
 def read_jsonl(path: Path, fields: Sequence[str], *, limit: int | None = None) -> list[Example]:
     """Examples of `path` (blank lines skipped), values as strings, at most `limit`."""
-    if not path.is_file():
-        raise RuntimeFailure(f"data file {path} does not exist", hint="data paths are relative to the spec file")
+    problem = file_problem(path)
+    if problem is not None:
+        raise RuntimeFailure(f"data file {path} {problem[1]}", hint="data paths are relative to the spec file")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RuntimeFailure(
+                    f"{path}:{lineno}: byte 0x{raw[exc.start]:02x} is not UTF-8", hint="save the file as UTF-8"
+                ) from None
             if line.strip():
                 examples.append(parse_example(line, fields, where=f"{path}:{lineno}"))
     return examples

@@ -1,4 +1,8 @@
-"""Rendering node templates: sandboxed jinja with StrictUndefined.
+"""Rendering node templates: sandboxed jinja with StrictUndefined, within bounds.
+
+Rendering goes through `dlngraph.sandbox`, which bounds a render's size and
+time; any failure (a limit, an undefined variable, the template's own error)
+is a `RuntimeFailure` naming the node.
 
 A template sees `prompt` (the node's learnable parameter), `demos` (its
 rendered demonstrations, also learned; like the prompt, shared by every
@@ -12,28 +16,20 @@ of the shared part.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
 
 import jinja2
-from jinja2.sandbox import SandboxedEnvironment
 
+from dlngraph import sandbox
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import ScoreRequest
 
 _SENTINEL = "\x00\x1f\x00"  # no letters: case filters leave it intact
 
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-
-
-@lru_cache(maxsize=256)
-def _compiled(template: str) -> jinja2.Template:
-    return _ENV.from_string(template)
-
 
 def render(template: str, prompt: str, row: Mapping[str, str], *, node: str | None = None, demos: str = "") -> str:
     """The text a node sends for one example (`demos`: its rendered demonstrations)."""
     try:
-        return _compiled(template).render({**row, "prompt": prompt, "demos": demos})
+        return sandbox.render(template, {**row, "prompt": prompt, "demos": demos})
     except jinja2.TemplateError as exc:
         raise RuntimeFailure(f"template could not be rendered: {exc}", node=node) from exc
 
@@ -49,7 +45,7 @@ def split_shared(
     """
     text = render(template, prompt, row, node=node, demos=demos)
     try:
-        probe = _compiled(template).render({**{k: _SENTINEL for k in row}, "prompt": prompt, "demos": demos})
+        probe = sandbox.render(template, {**{k: _SENTINEL for k in row}, "prompt": prompt, "demos": demos})
     except jinja2.TemplateError:
         return "", text
     at = probe.find(_SENTINEL)

@@ -18,8 +18,8 @@ import yaml
 
 from dlngraph.cli import main
 from dlngraph.codes import CODES
-from dlngraph.errors import SpecError
-from dlngraph.yamlsource import MAX_SPEC_BYTES
+from dlngraph.errors import MAX_SHOWN, SOURCE_WINDOW, SpecError
+from dlngraph.yamlsource import MAX_DEPTH, MAX_SPEC_BYTES, MAX_VALUES
 
 BAD = Path(__file__).resolve().parent / "specs" / "bad"
 EXPECTED: dict[str, dict] = yaml.safe_load((BAD / "expected.yaml").read_text())
@@ -84,7 +84,7 @@ def test_full_rendering_snapshot(capsys: pytest.CaptureFixture) -> None:
         "  |\n"
         "7 |       {{ inptu }}\n"
         "  |          ^^^^^ undefined-variable\n"
-        "  = help: did you mean `input`? (variables here: input, prompt; inputs are listed under `inputs:`)\n"
+        "  = help: did you mean `input`? (variables here: demos, input, prompt; inputs are listed under `inputs:`)\n"
         "  = code: E202 (undefined-variable)\n"
     )
 
@@ -120,6 +120,86 @@ def test_missing_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert code == 2 and "E007" in err and "spec file not found" in err
 
 
+@pytest.mark.parametrize(("path", "what"), [("/dev/zero", "a device"), (str(BAD / "data"), "a directory")])
+def test_a_spec_path_that_is_not_a_file_is_refused_unread(path: str, what: str, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = _run(capsys, path)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[0] == f"{path}:1:1: error: the spec path is {what}, not a file: {path}"
+    assert "= code: E007 " in err
+
+
+def _assert_bounded(err: str, shown: int) -> None:
+    """At most `shown` diagnostics, each source line echoed within its window."""
+    assert len([line for line in err.splitlines() if ": error: " in line]) == shown
+    echoed = [line.split(" | ", 1)[1] for line in err.splitlines() if " | " in line]
+    assert echoed and all(len(text) <= SOURCE_WINDOW + 6 for text in echoed)
+
+
+def test_a_one_line_spec_with_thousands_of_mistakes_prints_the_first_few(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    nodes = ", ".join(
+        f"n{k}: {{template: '{{{{ prompt }}}} {{{{ input }}}}', output: {{type: text}}, promtp: x{k}}}" for k in range(2000)
+    )
+    spec = tmp_path / "typos.yaml"
+    spec.write_text(f"{{name: typos, inputs: [input], nodes: {{{nodes}}}, outputs: {{n0: target}}}}\n")
+    assert spec.stat().st_size > 150_000
+    code, _, err = _run(capsys, str(spec))
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[0].startswith(f"{spec}:1:")
+    _assert_bounded(err, MAX_SHOWN)
+    assert err.rstrip().endswith(f"... and {2000 - MAX_SHOWN:,} more errors not shown; fix these and compile again")
+    assert len(err) < 20_000
+    code, _, concise = _run(capsys, "--error-format", "concise", str(spec))
+    assert len(concise.splitlines()) == MAX_SHOWN + 1
+    code, _, as_json = _run(capsys, "--error-format", "json", str(spec))
+    assert len(json.loads(as_json)) == 2000  # tools get every diagnostic, without source lines
+
+
+def test_a_long_message_is_clipped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    key = "k" * 1_000  # YAML's longest plain key is 1,024 characters
+    spec = tmp_path / "long-key.yaml"
+    spec.write_text(f"name: long\n{key}: 1\n")
+    code, _, err = _run(capsys, str(spec))
+    assert code == 2 and "E101" in err and len(err) < 2_000
+    [headline] = [line for line in err.splitlines() if "unknown key" in line]
+    assert headline.endswith("...") and len(headline) < 500
+
+
+def test_a_flow_list_of_millions_stops_at_the_value_limit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "flow.yaml"
+    spec.write_text(
+        "name: flow\ninputs: [" + ", ".join(["x"] * 5_000_000) + "]\n"
+        "nodes: {a: {template: '{{ prompt }}', output: {type: text}}}\noutputs: {a: target}\n"
+    )
+    code, _, err = _run(capsys, str(spec))
+    assert code == 2
+    # the item that makes MAX_VALUES + 1; before the items: the top mapping, `name`, `flow`, `inputs`, the list
+    first = err.splitlines()[0]
+    assert first.startswith(f"{spec}:2:{len('inputs: [') + 3 * (MAX_VALUES - 5) + 1}: error: the spec holds more than")
+    assert "= code: E009 " in err
+    _assert_bounded(err, 1)
+
+
+def test_nesting_at_the_depth_limit_is_accepted(tmp_path: Path) -> None:
+    from dlngraph.yamlsource import load_source
+
+    spec = tmp_path / "deep.yaml"
+    spec.write_text("name: deep\nx: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "\n")
+    assert load_source(spec).data["x"] is not None
+    spec.write_text("name: deep\nx: " + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "\n")
+    with pytest.raises(SpecError, match="nest more than"):
+        load_source(spec)
+
+
+def test_aliases_within_the_limits_are_expanded_as_yaml_says(tmp_path: Path) -> None:
+    from dlngraph.yamlsource import load_source
+
+    spec = tmp_path / "shared.yaml"
+    spec.write_text("name: s\nt: &t '{{ prompt }}'\nl: &l [*t, *t, *t]\nm: [*l, *l]\n")
+    assert load_source(spec).data["m"] == [["{{ prompt }}"] * 3] * 2
+
+
 def test_installed_command_exits_2_without_traceback() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "dlngraph", "compile", str(BAD / "cycle.yaml")], capture_output=True, text=True
@@ -127,3 +207,42 @@ def test_installed_command_exits_2_without_traceback() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith(f"{BAD / 'cycle.yaml'}:8:32: error: node 'critique': cycle: ")
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def _spec_reading(tmp_path: Path, test_path: Path) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: s\ndata: {{train: {BAD / 'data' / 'tiny.jsonl'}, test: {test_path}}}\ninputs: [input]\n"
+        "nodes: {a: {template: '{{ prompt }} {{ input }}', output: {type: text}}}\noutputs: {a: target}\n"
+    )
+    return spec
+
+
+def test_a_data_file_that_is_not_data_is_named_never_shown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    secret = tmp_path / "credentials"
+    secret.write_text('{"input": "x", "target": "y"}\naws_secret_access_key = SECRET-1234\n')
+    code, _, err = _run(capsys, str(_spec_reading(tmp_path, secret)))
+    assert code == 2 and err.splitlines()[0].startswith(f"{secret}:2:1: error: data file is not JSONL of objects")
+    assert "SECRET" not in err and "aws" not in err
+
+
+def test_a_data_file_over_the_size_limit_is_refused_unread(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dlngraph.compiler.data_checks import MAX_DATA_BYTES
+
+    huge = tmp_path / "huge.jsonl"
+    with huge.open("wb") as f:  # sparse: no disk is used, and reading it would take seconds
+        f.truncate(MAX_DATA_BYTES + 1)
+    code, _, err = _run(capsys, str(_spec_reading(tmp_path, huge)))
+    assert code == 2 and f"is {MAX_DATA_BYTES + 1:,} bytes, more than the limit" in err and "= code: E506 " in err
+
+
+def test_the_runtime_reader_names_file_and_line_of_bad_data(tmp_path: Path) -> None:
+    from dlngraph.errors import RuntimeFailure
+    from dlngraph.runtime.data import read_jsonl
+
+    with pytest.raises(RuntimeFailure, match=r"latin1.jsonl:2: byte 0xe9 is not UTF-8"):
+        read_jsonl(BAD / "data" / "latin1.jsonl", ["input"])
+    with pytest.raises(RuntimeFailure, match="is a directory"):
+        read_jsonl(BAD / "data", ["input"])
+    with pytest.raises(RuntimeFailure, match="not found"):
+        read_jsonl(tmp_path / "nope.jsonl", ["input"])
