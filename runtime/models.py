@@ -8,12 +8,15 @@ to safetensors in the user cache directory and every later load reads those
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,21 @@ def _converted_dir(source: ModelSource) -> Path:
     return cache_root() / "models" / source.identity.replace("/", "_").replace("@", "-")
 
 
+@contextlib.contextmanager
+def _progress_bars_only_when_asked() -> Iterator[None]:
+    """Show the conversion's progress bars on a terminal with -v; drop them otherwise.
+
+    transformers draws them with tqdm straight onto sys.stderr, past logging,
+    and a command's stderr is for its diagnostics: scripts and tests read the
+    first line of `dlngraph compile`'s errors, which converts on first use.
+    """
+    if log.isEnabledFor(logging.INFO) and sys.stderr.isatty():
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
 def _convert_embedded(target: Path) -> None:
     """Load the GGUF once with transformers and save fp32 safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +140,8 @@ def model_directory(source: ModelSource) -> Path:
         return source.directory
     target = _converted_dir(source)
     if not (target / "config.json").is_file():
-        _convert_embedded(target)
+        with _progress_bars_only_when_asked():
+            _convert_embedded(target)
     return target
 
 

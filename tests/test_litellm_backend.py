@@ -20,8 +20,8 @@ import pytest
 from dlngraph.capabilities import Capability
 from dlngraph.errors import RuntimeFailure, SpecError
 from dlngraph.runtime.backends.base import GenerateRequest, ScoreRequest
-from dlngraph.runtime.backends.litellm_backend import LiteLLMBackend
-from dlngraph.runtime.backends.probe import probe_backend, probe_path
+from dlngraph.runtime.backends.litellm_backend import LiteLLMBackend, probe_backend
+from dlngraph.runtime.backends.probe import probe_path
 from dlngraph.spec import Deployment, LiteLLMBackendSpec
 
 from fake_openai import TOP, FakeOpenAI
@@ -124,7 +124,8 @@ def test_api_key_is_sent_but_never_stored(
     with caplog.at_level(logging.DEBUG):
         CachedBackend(b, cache).generate([GenerateRequest("hi")])
     cache.close()
-    assert fake.headers[-1]["Authorization"] == f"Bearer {SECRET}"
+    sent = {name.lower(): value for name, value in fake.headers[-1].items()}  # HTTP header names have no case
+    assert sent["authorization"] == f"Bearer {SECRET}"
     stored = [b.spec.model_dump_json(), b.identity, caplog.text, *(p.read_bytes().decode("latin-1") for p in (tmp_path / "responses").glob("*"))]
     assert not any(SECRET in text for text in stored)
 
@@ -223,13 +224,13 @@ def test_compiler_uses_probed_capabilities(fake: FakeOpenAI, tmp_path: Path) -> 
 
     path = tmp_path / "spec.yaml"
     path.write_text(SPEC.format(api_base=fake.api_base))
-    plan = compile_spec(path)  # the trainable text layer needs `score`: the endpoint has it
+    plan = compile_spec(path, probe_timeout=30)  # the trainable text layer needs `score`: the endpoint has it
     assert plan.nodes["reason"].backend == "api"
 
     fake.shifted_echo = True
     probe_path("openai/fake", fake.api_base).unlink()
     with pytest.raises(SpecError) as err:
-        compile_spec(path)
+        compile_spec(path, probe_timeout=30)
     [diagnostic] = err.value.diagnostics
     assert diagnostic.code == "E401" and diagnostic.node == "reason" and "cannot score" in diagnostic.message
 

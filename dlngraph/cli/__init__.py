@@ -8,13 +8,12 @@ the exit code (2 for a spec error).
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
-import click
 import typer
 
 from dlngraph import __version__
+from dlngraph.cli import verbosity
 from dlngraph.errors import DlngraphError
 
 _COMMANDS = ("cache", "compile", "doctor", "eval", "explain", "export", "fit", "init", "report", "run", "schema")
@@ -41,12 +40,17 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    verbosity.configure(verbose)
 
 
 for _name in _COMMANDS:
     importlib.import_module(f"dlngraph.cli.{_name}").register(app)
+
+
+# The usage-error base class of the click that typer runs on: older typer uses
+# the `click` package, newer typer (0.29) a bundled copy of it whose classes
+# `click.ClickException` does not match. typer's BadParameter derives from it either way.
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,11 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     except DlngraphError as exc:
         typer.echo(exc.render(), err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _CLICK_ERROR as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
