@@ -17,7 +17,7 @@ from dataclasses import replace
 import jinja2
 import networkx as nx
 
-from dlngraph.errors import Diagnostic, SpecError
+from dlngraph.errors import MAX_SHOWN, Diagnostic, SpecError
 from dlngraph.spec import DeepThinkingNode, Spec
 from dlngraph.yamlsource import Source
 
@@ -43,7 +43,8 @@ def run(unit: Unit) -> Unit:
     used_inputs: set[str] = set()
     for name, node in spec.nodes.items():
         problems += _check_name(name, inputs, source)
-        read, node_problems = _read_variables(name, node, names, inputs, source)
+        # did-you-mean costs O(nodes) per mistake: only for those that will be shown
+        read, node_problems = _read_variables(name, node, names, inputs, source, suggest=len(problems) < MAX_SHOWN)
         problems += node_problems
         used_inputs |= read & inputs
         graph.add_node(
@@ -69,7 +70,7 @@ def run(unit: Unit) -> Unit:
 
 
 def _read_variables(
-    name: str, node, names: frozenset[str], inputs: frozenset[str], source: Source
+    name: str, node, names: frozenset[str], inputs: frozenset[str], source: Source, *, suggest: bool = True
 ) -> tuple[set[str], list[Diagnostic]]:
     """Variables the node's templates read (inputs and parents), and what is wrong with them."""
     # (slot, sees nodes, own words): the name sets are shared, never copied per node.
@@ -99,7 +100,7 @@ def _read_variables(
         known = {v for v in found if v in own or v in inputs or (sees_nodes and v in names)}
         for variable in sorted(found - known):
             allowed = own | inputs | (names if sees_nodes else frozenset())
-            problems.append(_bad_variable(name, slot, variable, allowed, source))
+            problems.append(_bad_variable(name, slot, variable, allowed, source, suggest=suggest))
         read |= known
         if slot == "template" and not isinstance(node, DeepThinkingNode) and node.trainable and PROMPT not in found:
             problems.append(
@@ -115,7 +116,9 @@ def _read_variables(
     return read, problems
 
 
-def _bad_variable(name: str, slot: str, variable: str, allowed: frozenset[str], source: Source) -> Diagnostic:
+def _bad_variable(
+    name: str, slot: str, variable: str, allowed: frozenset[str], source: Source, *, suggest: bool = True
+) -> Diagnostic:
     span = templates.variable_span(source, ("nodes", name, slot), variable)
     if variable in (PROMPT, LABEL):
         where = {
@@ -125,16 +128,24 @@ def _bad_variable(name: str, slot: str, variable: str, allowed: frozenset[str], 
         return source.diagnostic(
             "E207", f"`{variable}` cannot be used in `{slot}`", span, node=name, hint=where
         )
-    close = difflib.get_close_matches(variable, sorted(allowed - {name}), n=1, cutoff=0.6)
+    message = f"template variable `{variable}` in `{slot}` names no input or node"
+    if not suggest:
+        return source.diagnostic("E202", message, span, node=name)
+    candidates = sorted(allowed - {name})
+    close = difflib.get_close_matches(variable, candidates, n=1, cutoff=0.6)
     hint = f"did you mean `{close[0]}`?" if close else None
-    options = ", ".join(sorted(allowed - {name}))
+    more = len(candidates) - _LISTED
+    options = ", ".join(candidates[:_LISTED]) + (f", ... ({more:,} more)" if more > 0 else "")
     return source.diagnostic(
         "E202",
-        f"template variable `{variable}` in `{slot}` names no input or node",
+        message,
         span,
         node=name,
         hint=(hint + " " if hint else "") + f"(variables here: {options}; inputs are listed under `inputs:`)",
     )
+
+
+_LISTED = 20  # names listed in a hint
 
 
 def _check_name(name: str, inputs: frozenset[str], source: Source) -> list[Diagnostic]:

@@ -135,12 +135,19 @@ def _assert_bounded(err: str, shown: int) -> None:
     assert echoed and all(len(text) <= SOURCE_WINDOW + 6 for text in echoed)
 
 
+# 2,000 nodes on one line, each with one mistake: an unknown key, or a
+# variable that names no node (whose did-you-mean looks at all 2,000 names).
+MISTAKES = {
+    "unknown-key": "n{k}: {{template: '{{{{ prompt }}}} {{{{ input }}}}', output: {{type: text}}, promtp: x{k}}}",
+    "undefined-variable": "n{k}: {{template: '{{{{ prompt }}}} {{{{ input }}}} {{{{ m{k} }}}}', output: {{type: text}}}}",
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
 def test_a_one_line_spec_with_thousands_of_mistakes_prints_the_first_few(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    mistake: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    nodes = ", ".join(
-        f"n{k}: {{template: '{{{{ prompt }}}} {{{{ input }}}}', output: {{type: text}}, promtp: x{k}}}" for k in range(2000)
-    )
+    nodes = ", ".join(MISTAKES[mistake].format(k=k) for k in range(2000))
     spec = tmp_path / "typos.yaml"
     spec.write_text(f"{{name: typos, inputs: [input], nodes: {{{nodes}}}, outputs: {{n0: target}}}}\n")
     assert spec.stat().st_size > 150_000
