@@ -92,10 +92,8 @@ def test_bare_command_shows_help_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in out + err
 
 
-def test_installed_command_usage_error_exits_2_without_traceback(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "dlngraph", "compil"], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
+def test_installed_command_usage_error_exits_2_without_traceback() -> None:
+    done = subprocess.run([sys.executable, "-m", "dlngraph", "compil"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "'compil'" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
