@@ -179,7 +179,8 @@ def main() -> None:
             within = result.seconds < TARGET_SECONDS and result.peak_mb < TARGET_MB
             flag = "" if within or not baseline else "  OVER TARGET"
             print(
-                f"{name:<36} {result.code:>4} {result.seconds:7.2f} {result.cpu:6.2f} {ratio_s} {result.peak_mb:8.1f} {ratio_m}  "
+                f"{name:<36} {result.code:>4} {result.seconds:7.2f} {result.cpu:6.2f} {ratio_s}"
+                f" {result.peak_mb:8.1f} {ratio_m}  "
                 f"{result.first_line[:110]}{flag}",
                 flush=True,
             )

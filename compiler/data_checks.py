@@ -24,7 +24,7 @@ from pathlib import Path
 from dlngraph.codes import name_of
 from dlngraph.errors import Diagnostic, SpecError, Span
 from dlngraph.spec import DeepThinkingNode, Spec
-from dlngraph.yamlsource import PathKey, Source
+from dlngraph.yamlsource import PathKey, Source, file_kind
 
 from dlngraph.compiler.ir import FieldProfile, Unit
 
@@ -43,10 +43,8 @@ def file_problem(path: Path) -> tuple[str, str] | None:
         return "E501", "not found"
     except OSError as exc:
         return "E504", f"cannot be read ({exc.strerror})"
-    if stat.S_ISDIR(info.st_mode):
-        return "E504", "is a directory, not a file"
     if not stat.S_ISREG(info.st_mode):
-        return "E504", "is not a regular file (a device, pipe or socket)"
+        return "E504", f"is {file_kind(info.st_mode)}, not a file"
     if info.st_size > MAX_DATA_BYTES:
         return "E506", f"is {info.st_size:,} bytes, more than the limit of {MAX_DATA_BYTES:,}"
     if not os.access(path, os.R_OK):

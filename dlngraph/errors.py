@@ -62,7 +62,8 @@ class Diagnostic:
             lines.append(f"{pad} |")
             lines.append(f"{gutter} | {text}")
             lines.append(f"{pad} | {' ' * (col - 1)}{'^' * width} {self.name}")
-        lines.append(f"  = help: {_one_line(_clip(self.hint)) if self.hint else 'see `dlngraph explain ' + self.code + '`'}")
+        hint = _one_line(_clip(self.hint)) if self.hint else f"see `dlngraph explain {self.code}`"
+        lines.append(f"  = help: {hint}")
         lines.append(f"  = code: {self.code} ({self.name})")
         return "\n".join(lines)
 

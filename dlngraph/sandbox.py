@@ -325,13 +325,25 @@ def unsafe_attribute(template: nodes.Node) -> UnsafeAttribute | None:
         if found is not None:
             return found
     if isinstance(template, nodes.Getattr):
-        attr = template.attr
+        names = [template.attr]
     elif isinstance(template, nodes.Getitem) and isinstance(template.arg, nodes.Const):
-        attr = template.arg.value
+        names = [template.arg.value]
+    elif isinstance(template, nodes.Filter) and template.name in _ATTRIBUTE_FILTERS:
+        # `attr('__class__')`, `map(attribute='a.__class__')`: dotted paths, each part looked up
+        given = [*template.args, *(k.value for k in template.kwargs)]
+        paths = [a.value for a in given if isinstance(a, nodes.Const) and isinstance(a.value, str)]
+        names = [part for path in paths for part in path.split(".")]
     else:
         return None
-    if isinstance(attr, str) and (attr.startswith("_") or attr in _UNSAFE):
-        return UnsafeAttribute(
-            f"attribute `{attr}` is not allowed: templates may not reach Python internals", template.lineno
-        )
+    for attr in names:
+        if isinstance(attr, str) and (attr.startswith("_") or attr in _UNSAFE):
+            return UnsafeAttribute(
+                f"attribute `{attr}` is not allowed: templates may not reach Python internals", template.lineno
+            )
     return None
+
+
+# Filters that look attributes up by a name given as a string.
+_ATTRIBUTE_FILTERS = frozenset(
+    {"attr", "map", "selectattr", "rejectattr", "sort", "groupby", "sum", "unique", "min", "max", "dictsort"}
+)

@@ -133,7 +133,7 @@ def load_source(path: str | Path) -> Source:
             info = os.fstat(f.fileno())
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
                 raise _file_error(
-                    path, "E007", f"the spec path is {_kind_of(info.st_mode)}, not a file: {path}",
+                    path, "E007", f"the spec path is {file_kind(info.st_mode)}, not a file: {path}",
                     "give the path of a YAML spec file",
                 )  # fmt: skip
             if info.st_size > MAX_SPEC_BYTES:
@@ -150,11 +150,14 @@ def load_source(path: str | Path) -> Source:
     return parse_source(raw, path)
 
 
-def _kind_of(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a directory", "a device", ..."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"

@@ -131,3 +131,36 @@ def test_template_fast_path_agrees_with_the_jinja_parse(text: str) -> None:
             variables(text)
         return
     assert variables(text) == expected
+
+
+template_programs = st.lists(
+    st.sampled_from(
+        ["{{ input }}", "{{ prompt }}", "{% for i in range(1000) %}", "{% for c in input * 1000 %}", "{% endfor %}",
+         "{{ 'ab' * 700000 }}", "{{ input ~ input }}", "{% set s = input * 500000 %}", "{{ s ~ s ~ s }}", "{{ [s, s] }}",
+         "{{ s | replace('x', 'xyz') }}", "{{ input | center(5) }}", "{{ 2 ** 64 }}", "{{ 1 / 0 }}", "{{ input.upper() }}",
+         "{% macro m() %}", "{% endmacro %}", "{{ m() }}", "{{ ''.__class__ }}", "{{ undefined_name }}", "text ", "\n",
+         "{% if input %}", "{% endif %}", "{{ range(10) | list | join(',') }}", "{{ '%s' % input }}", "{{"]
+    ),
+    max_size=8,
+).map("".join)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(template_programs)
+def test_any_template_renders_within_bounds_or_fails_cleanly(text: str) -> None:
+    import time
+    from unittest import mock
+
+    from dlngraph import sandbox
+    from dlngraph.errors import RuntimeFailure
+    from dlngraph.runtime.template import render
+
+    with mock.patch.object(sandbox, "MAX_RENDER_SECONDS", 0.05):
+        started = time.monotonic()
+        try:
+            out = render(text, "P", {"input": "x"}, node="n")
+        except RuntimeFailure as exc:
+            assert "node 'n'" in str(exc)
+        else:
+            assert len(out) <= sandbox.MAX_CHARS
+        assert time.monotonic() - started < 1.0

@@ -98,7 +98,11 @@ def test_the_compiler_refuses_attribute_escapes_the_sandbox_would_stop() -> None
 
     from dlngraph.compiler.templates import variables
 
-    for escape in ("{{ ''.__class__ }}", "{{ input['__class__'] }}", "{{ x.gi_frame }}", "{{ x.mro() }}"):
+    escapes = (
+        "{{ ''.__class__ }}", "{{ input['__class__'] }}", "{{ x.gi_frame }}", "{{ x.mro() }}",
+        "{{ input | attr('__class__') }}", "{{ [input] | map(attribute='upper.__self__') | list }}",
+    )  # fmt: skip
+    for escape in escapes:
         with pytest.raises(jinja2.TemplateSyntaxError, match="is not allowed"):
             variables(escape)
     assert variables("{{ input.upper() }} {{ input['field'] }}") == {"input"}

@@ -70,7 +70,9 @@ DEMO_SEPARATOR = "\n\n"  # between demonstrations, and between them and the quer
 
 
 def state_path(run_dir: Path, node: str) -> Path:
-    return Path(run_dir) / "deep_thinking" / f"{node}.safetensors"
+    from dlngraph.runtime.rundir import RunDir  # the run directory names its files
+
+    return RunDir(run_dir).deep_thinking_state(node)
 
 
 @dataclass(frozen=True)
