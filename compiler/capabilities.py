@@ -6,8 +6,10 @@ choice node on a backend that reads choices from top-k next-token log-probs
 only has single-token choices, where the caller's `token_counter` can count.
 Capabilities are data: a backend spec's own `capabilities:` list, else what
 its kind declares in `dlngraph.capabilities.DECLARED`, unless the caller
-passes a `capability_resolver` (the API uses that hook to probe endpoints).
-Nothing of the runtime is imported here.
+passes a `capability_resolver` (the API passes one that probes litellm
+endpoints only when asked: `dlngraph compile --probe`). So by default the
+result depends on the spec alone, never on a server or an API key. Nothing
+of the runtime is imported here.
 """
 
 from __future__ import annotations
@@ -161,5 +163,6 @@ def _missing(
         node=data.name,
         hint=torch_hint
         or f"backend '{data.backend}' has: {', '.join(sorted(have)) or 'nothing'}; use a backend with "
-        f"{wanted}, declare it under `capabilities:` if the endpoint supports it, or set `trainable: false`",
+        f"{wanted}, declare it under `capabilities:` if the endpoint supports it (`dlngraph compile --probe` "
+        "asks the endpoint), or set `trainable: false`",
     )

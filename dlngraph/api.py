@@ -1,8 +1,12 @@
 """The public Python API: compile a spec into an `ExecutionPlan`, load a saved plan.
 
-`compile_spec` is what `dlngraph compile` runs. `capability_resolver` is the
-hook through which a caller (e.g. a backend that probes its endpoint) tells
-the compiler what each backend can do: `(backend_name, backend_spec) ->
+`compile_spec` is what `dlngraph compile` runs. It is offline: it reads the
+spec, its data files and, for a litellm backend that names a `tokenizer`, that
+tokenizer from local files, and sends no request, so a spec compiles the same
+with or without a server or an API key. Backends have their declared
+capabilities (the spec's `capabilities:` list, else the kind's).
+`probe_timeout` asks litellm endpoints instead, all within that many seconds.
+`capability_resolver` is the general hook: `(backend_name, backend_spec) ->
 frozenset[Capability]`; raising KeyError means "unknown kind".
 """
 
@@ -19,25 +23,31 @@ from dlngraph.compiler.pipeline import compile_unit
 from dlngraph.compiler.plan import ExecutionPlan
 
 
-def compile_spec(path: str | Path, *, capability_resolver: CapabilityResolver | None = None) -> ExecutionPlan:
+def compile_spec(
+    path: str | Path,
+    *,
+    capability_resolver: CapabilityResolver | None = None,
+    probe_timeout: float | None = None,
+) -> ExecutionPlan:
     """Check the spec at `path` and build its plan; raises `SpecError` on any mistake.
-    Without a resolver, litellm endpoints the spec points at are probed (cached)."""
-    unit = compile_unit(
-        path, capability_resolver=capability_resolver or probing_resolver(), token_counter=runtime_token_counter()
-    )
+    With `probe_timeout` (seconds), litellm endpoints the spec points at are asked
+    what they support, every request within that time together."""
+    if capability_resolver is None and probe_timeout is not None:
+        capability_resolver = probing_resolver(probe_timeout)
+    unit = compile_unit(path, capability_resolver=capability_resolver, token_counter=runtime_token_counter())
     assert unit.plan is not None
     return unit.plan
 
 
-def probing_resolver() -> CapabilityResolver:
-    # The runtime's prober, imported only when compiling (no litellm import here).
-    from dlngraph.runtime.backends.probe import capability_resolver
+def probing_resolver(timeout: float) -> CapabilityResolver:
+    # The runtime's prober, imported only when asked to probe (no litellm import here).
+    from dlngraph.runtime.backends.litellm_backend import probing_resolver as resolver
 
-    return capability_resolver
+    return resolver(timeout)
 
 
 def runtime_token_counter() -> TokenCounter:
-    from dlngraph.runtime.backends.probe import token_counter
+    from dlngraph.runtime.backends.litellm_backend import token_counter
 
     return token_counter
 

@@ -60,6 +60,7 @@ def fit(
         run = RunDir.open(Path(resume))
         saved = run.saved_plan().get("spec_sha256")
         if saved and plan.spec_sha256 and saved != plan.spec_sha256:
+            run.close()
             raise RuntimeFailure(
                 f"the spec {spec_path} has changed since run {resume} started",
                 hint="resume with the spec the run was started with (a copy is in the run directory as spec.yaml)",
@@ -68,6 +69,7 @@ def fit(
         run = RunDir.create(Path(out) if out is not None else default_path(plan.name), plan)
     tracker = make_tracker(plan.spec, mlflow=mlflow, run_name=run.path.name)
     with ExitStack() as stack:
+        stack.callback(run.close)  # the run directory's lock: the next fit or resume may start
         if backends is None:
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
             stack.callback(lambda: [b.close() for b in backends.values()])
@@ -94,6 +96,7 @@ def export(spec_path: str | Path, checkpoint: str | Path, out: str | Path) -> Pa
     data paths are made absolute when the output lives elsewhere, so it compiles.
     """
     from dlngraph.runner import load_checkpoint
+    from dlngraph.runtime.files import write_yaml
 
     spec_path, out = Path(spec_path), Path(out)
     prompts = load_checkpoint(checkpoint)
@@ -107,6 +110,4 @@ def export(spec_path: str | Path, checkpoint: str | Path, out: str | Path) -> Pa
     if out.resolve().parent != spec_path.resolve().parent:
         for split, path in (data.get("data") or {}).items():
             data["data"][split] = str((spec_path.resolve().parent / path).resolve())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8")
-    return out
+    return write_yaml(out, data, sort_keys=False)

@@ -9,7 +9,6 @@ checkpoint (YAML with a top-level `prompts: {node: prompt}` mapping).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from typing import Any
 from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
-from dlngraph.runtime.checkpoint import load_yaml, write_atomic
+from dlngraph.runtime.checkpoint import load_yaml
+from dlngraph.runtime.files import check_output, write_jsonl
 
 SpecLike = str | Path | ExecutionPlan
 
@@ -120,13 +120,17 @@ def evaluate(
     prompts: Mapping[str, str] | None = None,
     limit: int | None = None,
     out: str | Path | None = None,
+    force: bool = False,
     cache_dir: str | Path | None = None,
     no_cache: bool = False,
     batch_size: int = 16,
     backends: Mapping[str, Backend] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Score the output nodes on `split`; `on_batch(done, total)` reports progress."""
+    """Score the output nodes on `split`; `on_batch(done, total)` reports progress.
+
+    `out` is checked before the first model call: never the spec, its data or
+    the checkpoint, never a non-regular file, an existing file only with `force`."""
     from dlngraph.runtime.data import read_jsonl
     from dlngraph.runtime.executor import Executor
     from dlngraph.runtime.metrics import is_correct
@@ -135,6 +139,8 @@ def evaluate(
     path = plan.data_paths.get(split)
     if path is None:
         raise RuntimeFailure(f"the spec names no `data.{split}` file", hint="add it under `data:` in the spec")
+    if out is not None:
+        out = check_output(out, protected=input_files(plan, checkpoint), force=force)
     targets = plan.spec.outputs
     examples = read_jsonl(Path(path), [*plan.spec.inputs, *sorted(set(targets.values()))], limit=limit)
     predictions: list[dict[str, Any]] = []
@@ -158,7 +164,7 @@ def evaluate(
                 on_batch(min(start + batch_size, len(examples)), len(examples))
         usage = {name: b.usage - before[name] for name, b in backends.items()}
     if out is not None:
-        _write_jsonl(Path(out), predictions)
+        write_jsonl(out, predictions)  # atomic: a crash never leaves half a predictions file
     return EvalResult(
         split=split,
         metric=plan.spec.metric,
@@ -188,9 +194,12 @@ def _prediction(
     return row
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Atomic: a crash never leaves half a predictions file."""
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
+def input_files(plan: ExecutionPlan, checkpoint: str | Path | None) -> dict[str, Path]:
+    """The files a run reads, which no output may replace."""
+    files = {"the spec": Path(plan.spec_path), **{f"data file {s}": Path(p) for s, p in plan.data_paths.items()}}
+    if checkpoint is not None:
+        files["the checkpoint"] = Path(checkpoint)
+    return files
 
 
 def _close_all(backends: Mapping[str, Backend]) -> None:

@@ -5,7 +5,15 @@ the full request including every sampling parameter and seed), so a cached
 answer is only ever reused for exactly the same question to exactly the same
 model. The database is created on first use (never at import), runs in WAL
 mode with a busy timeout, and each batch is written in one transaction, so two
-processes can fill it at once without losing entries.
+processes can fill it at once without losing entries. Answers are stored as
+soon as a batch returns, and when a batch fails part way (`PartialBatch`) the
+answers that did arrive are stored before the failure goes on.
+
+A damaged file (overwritten, truncated: SQLite says "file is not a database"
+or "malformed") is moved aside as `cache.sqlite.corrupt-<time>` with a warning
+naming both paths, and an empty cache takes its place: a cache only saves
+work, so losing one never stops a run. `stats` names a damaged file and says
+how to fix it; `clear` removes it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -20,17 +30,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import (
     Backend,
     GenerateRequest,
     Generation,
+    PartialBatch,
     Score,
     ScoreRequest,
     Usage,
 )
 from dlngraph.runtime.models import cache_root
 
+log = logging.getLogger(__name__)
+
 FILENAME = "cache.sqlite"
+# SQLite's primary result codes for a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.
+DAMAGED = frozenset({11, 26})
 
 Req = TypeVar("Req", GenerateRequest, ScoreRequest)
 Res = TypeVar("Res", Generation, Score)
@@ -53,43 +69,101 @@ def request_key(kind: str, identity: str, op: str, request: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite reports a damaged file (not a busy lock or a missing directory)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in DAMAGED
+
+
 class Cache:
     """The SQLite store. `directory` defaults to the user cache directory."""
 
     def __init__(self, directory: Path | str | None = None) -> None:
         self._directory = Path(directory) if directory is not None else None
         self._conn: sqlite3.Connection | None = None
+        self._inode: int | None = None  # of the file opened, to move aside only that one
         self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:
         return (self._directory or cache_root()) / FILENAME
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _files(self) -> list[Path]:
+        """The database and its WAL and shared-memory files."""
+        return [self.path.with_name(self.path.name + suffix) for suffix in ("", "-wal", "-shm")]
+
+    def _failure(self, exc: sqlite3.Error) -> RuntimeFailure:
+        return RuntimeFailure(
+            f"response cache {self.path}: {exc}",
+            hint="pass --cache DIR for another location, or --no-cache; `dlngraph cache clear` removes a damaged file",
+        )
+
+    def _open(self) -> sqlite3.Connection:
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._inode = self.path.stat().st_ino if self.path.exists() else None
             conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise RuntimeFailure(
+                f"cannot open the response cache {self.path}: {exc}", hint="pass --cache DIR for another location, or --no-cache"
+            ) from None
+        try:
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(_SCHEMA)
-            self._conn = conn
-        return self._conn
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _set_aside(self, exc: sqlite3.Error) -> None:
+        """Move a damaged database (and its WAL files) aside, unless another process already did."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            current = self.path.stat().st_ino
+        except FileNotFoundError:
+            current = None
+        if current is not None and current == self._inode:
+            for part in self._files():
+                if part.exists():
+                    os.replace(part, part.with_name(part.name.replace(self.path.name, aside.name, 1)))
+            log.warning(
+                "the response cache %s is damaged (%s); moved it to %s and started an empty cache", self.path, exc, aside
+            )
+
+    def _with_connection(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `work` on the connection; a damaged file is set aside once and `work` runs on a new one."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._conn is None:
+                        self._conn = self._open()
+                    return work(self._conn)
+                except sqlite3.Error as exc:
+                    if attempt == 2 or not is_damage(exc):
+                        raise self._failure(exc) from None
+                    self._set_aside(exc)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        with self._lock:
-            conn = self._connect()
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
             for start in range(0, len(keys), 500):
                 part = list(keys[start : start + 500])
                 marks = ",".join("?" * len(part))
                 rows = conn.execute(f"SELECT key, value FROM entries WHERE key IN ({marks})", part)
                 found.update(dict(rows.fetchall()))
-        return found
+            return found
+
+        return self._with_connection(read)
 
     def put_many(self, kind: str, identity: str, op: str, items: dict[str, str]) -> None:
         now = time.time()
-        with self._lock:
-            conn = self._connect()
+
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(
@@ -101,15 +175,50 @@ class Cache:
                 raise
             conn.execute("COMMIT")
 
+        self._with_connection(write)
+
+    def _query_as_is(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run `sql` on the file as it is: no schema is created and nothing is moved aside.
+        A file without the table (empty, say) has no rows."""
+        conn = sqlite3.connect(self.path, timeout=60.0)
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+
+    def damage(self) -> str | None:
+        """Why the cache file is damaged, or None when it is sound (or absent)."""
+        if not self.path.is_file():
+            return None
+        try:
+            self._query_as_is("SELECT COUNT(*) FROM entries")
+        except sqlite3.Error as exc:
+            if is_damage(exc):
+                return str(exc)
+            raise self._failure(exc) from None
+        return None
+
     def stats(self) -> dict[str, Any]:
-        """Entry counts per (kind, identity, op) and the file size; no file is created."""
+        """Entry counts per (kind, identity, op) and the file size; no file is created or changed."""
         if not self.path.is_file():
             return {"path": str(self.path), "entries": 0, "bytes": 0, "groups": []}
-        with self._lock:
-            rows = self._connect().execute(
+        damage = self.damage()
+        if damage is not None:
+            raise RuntimeFailure(
+                f"the response cache {self.path} is damaged ({damage})",
+                hint="run `dlngraph cache clear` to remove it; the next run starts an empty cache",
+            )
+        try:
+            rows = self._query_as_is(
                 "SELECT kind, identity, op, COUNT(*) FROM entries GROUP BY kind, identity, op ORDER BY 1, 2, 3"
-            ).fetchall()
-        size = sum(p.stat().st_size for p in self.path.parent.glob(FILENAME + "*"))
+            )
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from None
+        size = sum(p.stat().st_size for p in self._files() if p.is_file())
         return {
             "path": str(self.path),
             "entries": sum(r[3] for r in rows),
@@ -118,14 +227,21 @@ class Cache:
         }
 
     def clear(self) -> int:
-        """Delete every entry; returns how many there were."""
+        """Delete every entry; returns how many there were. A damaged file is removed (0)."""
         if not self.path.is_file():
             return 0
-        with self._lock:
-            conn = self._connect()
+        if self.damage() is not None:
+            self.close()
+            for part in self._files():
+                part.unlink(missing_ok=True)
+            return 0
+
+        def empty(conn: sqlite3.Connection) -> int:
             removed = conn.execute("DELETE FROM entries").rowcount
             conn.execute("VACUUM")
-        return removed
+            return removed
+
+        return self._with_connection(empty)
 
     def close(self) -> None:
         with self._lock:
@@ -217,7 +333,14 @@ class CachedBackend:
         self.usage.cache_hits += len(requests) - len(missing)
         if missing:
             before = self.inner.usage.copy()
-            fresh = call(list(missing.values()))
+            try:
+                fresh = call(list(missing.values()))
+            except PartialBatch as failure:
+                asked = list(missing)
+                received = {asked[i]: _encode(r) for i, r in sorted(failure.answers.items())}
+                if received:  # kept, so a re-run asks only for the answers that never came
+                    self.cache.put_many(self.kind, self.identity, op, received)
+                raise
             answers.update(zip(missing, fresh))
             self.cache.put_many(self.kind, self.identity, op, {k: _encode(r) for k, r in zip(missing, fresh)})
             spent = self.inner.usage - before

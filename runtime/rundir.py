@@ -1,26 +1,37 @@
-"""The run directory `dlngraph fit` writes (the contract `dlngraph report` reads):
+"""The run directory `dlngraph fit` writes and `dlngraph report` reads: the one
+place that names its files.
 
     spec.yaml, plan.json, metrics.jsonl, checkpoints/iter-NNNN.yaml, best.yaml,
     posteriors.jsonl, predictions/dev-{initial,best}.jsonl, curve.png,
-    deep_thinking/<node>.safetensors
+    deep_thinking/<node>.safetensors, report.html, .lock
 
-JSONL files are appended line by line; a resumed run first drops the lines of
+Every file is written through `runtime.files` (atomic and fsynced; JSONL logs
+appended and fsynced line by line). A resumed run first drops the lines of
 iterations after its last checkpoint (a run killed between writing metrics and
 its checkpoint repeats that iteration), so every line appears exactly once.
+
+A writer (`create`, `open`) holds an exclusive `flock` on `.lock`, which names
+its pid, until `close` (or its process ends): a second fit or resume of the
+same directory stops with an error naming the holder instead of interleaving
+its lines with the first one's. Readers (`RunDir(path)`) take no lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import shutil
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime.checkpoint import read_yaml, write_yaml
+from dlngraph.runtime.checkpoint import read_yaml
+from dlngraph.runtime.files import append_jsonl, read_jsonl, write_atomic, write_jsonl, write_yaml
+
+PREDICTION_SETS = ("initial", "best")
 
 
 def default_path(name: str, root: Path = Path("runs")) -> Path:
@@ -28,8 +39,19 @@ def default_path(name: str, root: Path = Path("runs")) -> Path:
 
 
 class RunDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock: IO[str] | None = None
+
+    # ------------------------------------------------------------ file names
+
+    @property
+    def spec(self) -> Path:
+        return self.path / "spec.yaml"
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
 
     @property
     def checkpoints(self) -> Path:
@@ -51,42 +73,101 @@ class RunDir:
     def curve(self) -> Path:
         return self.path / "curve.png"
 
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
     def predictions(self, which: str) -> Path:
         return self.path / "predictions" / f"dev-{which}.jsonl"
 
-    @classmethod
-    def create(cls, path: Path, plan: ExecutionPlan) -> "RunDir":
-        """A new run directory holding the spec (as loaded) and its plan."""
-        if path.exists() and any(path.iterdir()):
-            raise RuntimeFailure(
-                f"{path} already exists and is not empty",
-                hint="pass another --out, or --resume it to continue that run",
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(plan.spec_path, path / "spec.yaml")
-        (path / "plan.json").write_text(plan.to_json(), encoding="utf-8")
-        return cls(path)
-
-    @classmethod
-    def open(cls, path: Path) -> "RunDir":
-        run = cls(path)
-        if not (run.path / "plan.json").is_file():
-            raise RuntimeFailure(f"{path} is not a run directory (no plan.json)", hint="pass the directory `fit` wrote")
-        return run
-
-    def saved_plan(self) -> dict[str, Any]:
-        return json.loads((self.path / "plan.json").read_text(encoding="utf-8"))
-
-    # ------------------------------------------------------------ checkpoints
+    def deep_thinking_state(self, node: str) -> Path:
+        return self.path / "deep_thinking" / f"{node}.safetensors"
 
     def checkpoint_path(self, iteration: int) -> Path:
         return self.checkpoints / f"iter-{iteration:04d}.yaml"
+
+    def checkpoint_files(self) -> list[Path]:
+        return sorted(self.checkpoints.glob("iter-*.yaml"))
+
+    # ------------------------------------------------------------ opening for writing
+
+    @classmethod
+    def create(cls, path: Path, plan: ExecutionPlan) -> "RunDir":
+        """A new run directory holding the spec (as loaded) and its plan, locked."""
+        run = cls(path)
+        run._refuse_if_used()
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot create run directory {path}: {exc.strerror}") from None
+        run.lock()
+        try:
+            run._refuse_if_used()  # another process may have filled it between the check and the lock
+            write_atomic(run.spec, Path(plan.spec_path).read_text(encoding="utf-8"))
+            write_atomic(run.plan, plan.to_json())
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunDir":
+        """An existing run directory, locked for resuming."""
+        run = cls(path)
+        if not run.plan.is_file():
+            raise RuntimeFailure(f"{path} is not a run directory (no plan.json)", hint="pass the directory `fit` wrote")
+        run.lock()
+        return run
+
+    def _refuse_if_used(self) -> None:
+        if self.path.exists() and any(p.name != self.lock_file.name for p in self.path.iterdir()):
+            raise RuntimeFailure(
+                f"{self.path} already exists and is not empty",
+                hint="pass another --out, or --resume it to continue that run",
+            )
+
+    def lock(self) -> None:
+        """Take the writer's lock, or fail naming the process that holds it."""
+        handle = self.lock_file.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(64).strip() or "unknown"
+            handle.close()
+            raise RuntimeFailure(
+                f"run directory {self.path} is in use by another dlngraph process (pid {holder})",
+                hint="wait for that fit to finish or stop it; two fits on one run directory would "
+                "write the same checkpoints and logs",
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def close(self) -> None:
+        """Release the writer's lock (the lock file stays; only the lock counts)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         write_yaml(self.checkpoint_path(state["iteration"]), state)
 
     def last_checkpoint(self) -> dict[str, Any] | None:
-        found = sorted(self.checkpoints.glob("iter-*.yaml"))
+        found = self.checkpoint_files()
         return read_yaml(found[-1]) if found else None
 
     def save_best(self, best: dict[str, Any]) -> None:
@@ -95,34 +176,25 @@ class RunDir:
     # ------------------------------------------------------------ JSONL logs
 
     def append(self, path: Path, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
-        if lines:
-            with path.open("a", encoding="utf-8") as f:
-                f.write(lines)
+        append_jsonl(path, records)
 
     def read(self, path: Path) -> list[dict[str, Any]]:
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(path)
 
     def truncate_after(self, iteration: int) -> None:
         """Drop log lines of iterations after `iteration` (and a torn last line)."""
         for path in (self.metrics, self.posteriors):
-            if not path.is_file():
-                continue
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record["iteration"] <= iteration:
-                    kept.append(line + "\n")
-            path.write_text("".join(kept), encoding="utf-8")
+            if path.is_file():
+                write_jsonl(path, [r for r in read_jsonl(path) if r["iteration"] <= iteration])
 
     def write_predictions(self, which: str, rows: list[dict[str, Any]]) -> None:
-        path = self.predictions(which)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        write_jsonl(self.predictions(which), rows)
+
+    # ------------------------------------------------------------ reading
+
+    def saved_plan(self) -> dict[str, Any]:
+        return json.loads(self.plan.read_text(encoding="utf-8"))
+
+    def read_mapping(self, path: Path) -> dict[str, Any]:
+        """A YAML mapping the run wrote, or {} when the file is missing (an interrupted run)."""
+        return read_yaml(path) if path.is_file() else {}

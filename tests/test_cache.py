@@ -152,3 +152,89 @@ def test_two_processes_writing_at_once_lose_nothing(cache_dir: Path, tmp_path: P
     assert cache.stats()["entries"] == 2 * 200 * 25
     keys = [f"{t}-{b}-{i}" for t in "ab" for b in range(200) for i in range(25)]
     assert cache.get_many(keys) == {k: k.replace("-", "") for k in keys}
+
+
+# --------------------------------------------------------------------------- answers kept, damage repaired
+
+
+def test_answers_of_a_batch_that_failed_part_way_are_kept(response_cache: Cache) -> None:
+    from dlngraph.errors import RuntimeFailure
+    from dlngraph.runtime.backends.base import PartialBatch
+
+    class DiesAfterTwo(EchoBackend):
+        def score(self, requests: list[ScoreRequest]) -> list[Score]:
+            answered = super().score(requests[:2])
+            raise PartialBatch(RuntimeFailure("server went away", hint="restart it"), dict(enumerate(answered)))
+
+    requests = [ScoreRequest(str(i), "c") for i in range(5)]
+    with pytest.raises(RuntimeFailure, match="server went away") as err:
+        CachedBackend(DiesAfterTwo(), response_cache).score(requests)
+    assert err.value.hint == "restart it"
+    assert response_cache.stats()["entries"] == 2
+    inner = EchoBackend()
+    CachedBackend(inner, response_cache).score(requests)
+    assert inner.batches == [requests[2:]]  # the two answers that arrived are not asked again
+
+
+def damage(path: Path) -> None:
+    """Overwrite every page after the first with junk: SQLite then reports the file malformed."""
+    with path.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xa5" * (path.stat().st_size - 4096))
+
+
+@pytest.mark.parametrize("how", ["overwritten", "pages"])
+def test_a_damaged_cache_is_set_aside_with_a_warning_and_rebuilt(
+    how: str, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = Cache(cache_dir)
+    CachedBackend(EchoBackend(), first).score([ScoreRequest(f"prompt {i}" * 40, "c") for i in range(200)])
+    first.close()
+    path = cache_dir / "cache.sqlite"
+    if how == "overwritten":
+        path.write_bytes(b"this is no database\n" * 100)
+    else:
+        damage(path)
+    inner = EchoBackend()
+    with caplog.at_level("WARNING", logger="dlngraph.runtime.cache"):
+        answers = CachedBackend(inner, Cache(cache_dir)).score([ScoreRequest("p", "c")])
+    assert answers[0].token_logprobs == (-1.0, -0.5) and len(inner.batches) == 1
+    [aside] = sorted(cache_dir.glob("cache.sqlite.corrupt-*"))
+    assert str(path) in caplog.text and str(aside) in caplog.text
+    assert Cache(cache_dir).stats()["entries"] == 1  # the new cache works
+
+
+def test_stats_names_a_damaged_file_and_clear_removes_it(cache_dir: Path) -> None:
+    from dlngraph.errors import RuntimeFailure
+
+    cache_dir.mkdir()
+    path = cache_dir / "cache.sqlite"
+    path.write_bytes(b"\0junk" * 1000)
+    cache = Cache(cache_dir)
+    assert cache.damage() is not None
+    with pytest.raises(RuntimeFailure, match=f"the response cache {path} is damaged") as err:
+        cache.stats()
+    assert "dlngraph cache clear" in str(err.value)
+    assert cache.clear() == 0 and not path.exists()
+    assert cache.stats()["entries"] == 0
+
+
+def test_cache_commands_on_a_damaged_file(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dlngraph.cli import main
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return (code, *capsys.readouterr())
+
+    cache_dir.mkdir()
+    path = cache_dir / "cache.sqlite"
+    path.write_bytes(b"\0junk" * 1000)
+    code, out, err = cli("cache", "stats", "--cache", str(cache_dir))
+    assert code == 1 and str(path) in err and "dlngraph cache clear" in err and "Traceback" not in err
+    code, out, err = cli("cache", "clear", "--cache", str(cache_dir))
+    assert code == 0 and out.startswith(f"removed damaged cache file {path}") and err == ""
+    assert cli("cache", "stats", "--cache", str(cache_dir))[:2] == (0, f"{path}: 0 entries, 0.0 MB\n")

@@ -53,9 +53,13 @@ def test_compile_formats_and_output_file(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_unwritable_output_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _cli(capsys, "compile", str(SPECS[0]), "-o", str(tmp_path / "missing-dir" / "plan.txt"))
-    assert code == 1 and out == ""
-    assert err.startswith("error: cannot write") and "Traceback" not in err
+    code, out, _ = _cli(capsys, "compile", str(SPECS[0]), "-o", str(tmp_path / "new-dir" / "plan.txt"))
+    assert (code, out) == (0, "") and (tmp_path / "new-dir" / "plan.txt").is_file()  # a missing folder is made
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    code, out, err = _cli(capsys, "compile", str(SPECS[0]), "-o", str(not_a_folder / "plan.txt"))
+    assert code != 0 and out == ""
+    assert err.startswith(f"error: cannot write {not_a_folder / 'plan.txt'}") and "Traceback" not in err
 
 
 def test_load_plan_reads_a_saved_plan_and_refuses_a_stale_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -26,8 +26,7 @@ import yaml
 from dlngraph.capabilities import Capability
 from dlngraph.errors import RuntimeFailure, SpecError
 from dlngraph.runtime.backends.base import GenerateRequest, ScoreRequest
-from dlngraph.runtime.backends.litellm_backend import LiteLLMBackend
-from dlngraph.runtime.backends.probe import probe_endpoint
+from dlngraph.runtime.backends.litellm_backend import LiteLLMBackend, probe_endpoint
 from dlngraph.runtime.cache import Cache, CachedBackend
 from dlngraph.spec import Deployment, LiteLLMBackendSpec
 
@@ -255,6 +254,34 @@ def test_server_killed_for_good_stops_with_checkpoint_and_full_cache(logs: Path,
     with sqlite3.connect(cache_dir / "cache.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert entries_at_kill <= _entries(cache_dir)
+
+
+def test_every_answer_received_before_the_server_died_is_cached(logs: Path, tmp_path: Path) -> None:
+    """The server dies in the middle of one batch: the answers that came back are all in
+    the cache (not only those of batches that finished), so a re-run asks for the rest."""
+    doomed = LlamaServer(logs).start()
+    spec = LiteLLMBackendSpec(model=LITELLM_MODEL, api_base=doomed.api_base, concurrency=2, max_retries=0,
+                              max_errors=0, capabilities=["generate", "top_logprobs"])  # fmt: skip
+    inner = LiteLLMBackend(spec)
+    requests = [GenerateRequest(f"Item {i}:", max_tokens=2) for i in range(400)]
+    done: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            CachedBackend(inner, Cache(tmp_path / "cache")).generate(requests)
+        except RuntimeFailure as exc:
+            done["error"] = exc
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    try:
+        _wait_for(lambda: inner.usage.requests >= 10, "ten answers")
+    finally:
+        doomed.kill()
+    worker.join(timeout=120)
+    assert "error" in done, "the batch did not fail"
+    assert 10 <= inner.usage.requests < len(requests)
+    assert len(_entries(tmp_path / "cache")) == inner.usage.requests
 
 
 def _entries(cache_dir: Path) -> set[str]:

@@ -1,4 +1,8 @@
-"""`dlngraph cache stats|clear`: inspect or empty the response cache."""
+"""`dlngraph cache stats|clear`: inspect or empty the response cache.
+
+Both work on a damaged cache file: `stats` names it and says how to fix it,
+`clear` removes it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_
 CACHE_DIR = typer.Option(None, "--cache", help="Cache directory (default: the user cache directory).")
 
 
-@cache_app.command("stats")
 def stats_cmd(cache: Path | None = CACHE_DIR) -> None:
     """Print the number of cached responses per backend, model and operation."""
     from dlngraph.runtime.cache import Cache
@@ -22,14 +25,17 @@ def stats_cmd(cache: Path | None = CACHE_DIR) -> None:
         typer.echo(f"  {group['kind']} {group['op']:<8} {group['entries']:>8}  {group['identity']}")
 
 
-@cache_app.command("clear")
 def clear_cmd(cache: Path | None = CACHE_DIR) -> None:
-    """Delete every cached response."""
+    """Delete every cached response (a damaged cache file is removed)."""
     from dlngraph.runtime.cache import Cache
 
     store = Cache(cache)
-    typer.echo(f"removed {store.clear()} entries from {store.path}")
+    damage = store.damage()
+    removed = store.clear()
+    typer.echo(f"removed damaged cache file {store.path} ({damage})" if damage else f"removed {removed} entries from {store.path}")
 
 
 def register(app: typer.Typer) -> None:
+    cache_app.command("stats")(stats_cmd)
+    cache_app.command("clear")(clear_cmd)
     app.add_typer(cache_app, name="cache")

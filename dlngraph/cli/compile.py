@@ -1,4 +1,10 @@
-"""`dlngraph compile`: check a spec and print its execution plan."""
+"""`dlngraph compile`: check a spec and print its execution plan.
+
+Offline unless `--probe`: compiling reads the spec, its data files and, for a
+litellm backend that names a `tokenizer`, that local tokenizer; it sends no
+request. `--probe` asks each litellm endpoint the spec points at what it
+supports, all endpoints within one `--probe-timeout`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ from pathlib import Path
 
 import typer
 
-from dlngraph.errors import DlngraphError, SpecError
+from dlngraph.cli.options import FORCE
+from dlngraph.errors import SpecError
 
 EPILOG = """Examples:
 
@@ -16,6 +23,8 @@ EPILOG = """Examples:
   dlngraph compile specs/wide-dag.yaml --format dot -o plan.dot
 
   dlngraph compile my-spec.yaml --error-format concise
+
+  dlngraph compile my-vllm-spec.yaml --probe --probe-timeout 10
 """
 
 
@@ -32,36 +41,38 @@ class ErrorFormat(str, Enum):
     json = "json"
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("compile", epilog=EPILOG)
-    def compile_cmd(
-        spec: Path = typer.Argument(..., help="Path to the spec YAML."),
-        fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="How to print the plan."),
-        output: Path | None = typer.Option(None, "--output", "-o", help="Write the plan to FILE instead of stdout."),
-        error_format: ErrorFormat = typer.Option(
-            ErrorFormat.full, "--error-format", help="How to print spec errors."
-        ),
-    ) -> None:
-        """Check SPEC (YAML, templates, graph, backends, data) and print its execution plan.
+def compile_cmd(
+    spec: Path = typer.Argument(..., help="Path to the spec YAML."),
+    fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", "-f", help="How to print the plan."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the plan to FILE instead of stdout."),
+    force: bool = FORCE,
+    error_format: ErrorFormat = typer.Option(ErrorFormat.full, "--error-format", help="How to print spec errors."),
+    probe: bool = typer.Option(
+        False, "--probe", help="Ask the spec's litellm endpoints what they support (the only network use of compile)."
+    ),
+    probe_timeout: float = typer.Option(
+        20.0, "--probe-timeout", min=0.1, help="Seconds for all of --probe's requests together."
+    ),
+) -> None:
+    """Check SPEC (YAML, templates, graph, backends, data) and print its execution plan.
 
-        Exits 0 with the plan, or 2 with every error found, each as
-        FILE:LINE:COL: error: MESSAGE with the source line and a hint.
-        """
-        from dlngraph.api import compile_spec
-        from dlngraph.compiler.render import render
+    Exits 0 with the plan, or 2 with every error found, each as
+    FILE:LINE:COL: error: MESSAGE with the source line and a hint.
+    """
+    from dlngraph.api import compile_spec
+    from dlngraph.compiler.render import render
+    from dlngraph.runner import input_files
+    from dlngraph.runtime.files import check_output, write_atomic
 
-        try:
-            plan = compile_spec(spec)
-        except SpecError as exc:
-            raise _Reported(exc, error_format.value) from None
-        rendered = render(plan, fmt.value)
-        if output is None:
-            typer.echo(rendered, nl=False)
-        else:
-            try:
-                output.write_text(rendered, encoding="utf-8")
-            except OSError as exc:
-                raise DlngraphError(f"error: cannot write {output}: {exc.strerror}") from None
+    try:
+        plan = compile_spec(spec, probe_timeout=probe_timeout if probe else None)
+    except SpecError as exc:
+        raise _Reported(exc, error_format.value) from None
+    rendered = render(plan, fmt.value)
+    if output is None:
+        typer.echo(rendered, nl=False)
+    else:
+        write_atomic(check_output(output, protected=input_files(plan, None), force=force), rendered)
 
 
 class _Reported(SpecError):
@@ -73,3 +84,7 @@ class _Reported(SpecError):
 
     def render(self, fmt: str = "full") -> str:
         return super().render(self.fmt)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compile", epilog=EPILOG)(compile_cmd)

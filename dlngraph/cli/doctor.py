@@ -147,37 +147,39 @@ def diagnose() -> list[Check]:
     return _system() + _torch() + _model_and_cache() + _providers()
 
 
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Report the environment: python, torch and its device, the embedded model, the cache, providers.
+
+    Exits with 1 when something dlngraph needs is missing. Credentials are reported by
+    environment variable name only.
+
+    Examples:
+
+      dlngraph doctor
+
+      dlngraph doctor --json
+    """
+    checks = diagnose()
+    if as_json:
+        typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        marks = {"ok": "[green]ok[/]", "fail": "[red]FAIL[/]", "info": ""}
+        table = Table(show_header=False, box=None, pad_edge=False)
+        for _ in range(4):
+            table.add_column(overflow="fold")  # wrap long paths, never cut them
+        for c in checks:
+            hint = f" [dim]({escape(c.hint)})[/]" if c.hint else ""
+            table.add_row(f"[bold]{c.section}[/]", escape(c.name), f"{escape(c.value)}{hint}", marks[c.status])
+        Console(highlight=False).print(table)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("doctor")
-    def doctor_cmd(
-        as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
-    ) -> None:
-        """Report the environment: python, torch and its device, the embedded model, the cache, providers.
-
-        Exits with 1 when something dlngraph needs is missing. Credentials are reported by
-        environment variable name only.
-
-        Examples:
-
-          dlngraph doctor
-
-          dlngraph doctor --json
-        """
-        checks = diagnose()
-        if as_json:
-            typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
-        else:
-            from rich.console import Console
-            from rich.markup import escape
-            from rich.table import Table
-
-            marks = {"ok": "[green]ok[/]", "fail": "[red]FAIL[/]", "info": ""}
-            table = Table(show_header=False, box=None, pad_edge=False)
-            for _ in range(4):
-                table.add_column(overflow="fold")  # wrap long paths, never cut them
-            for c in checks:
-                hint = f" [dim]({escape(c.hint)})[/]" if c.hint else ""
-                table.add_row(f"[bold]{c.section}[/]", escape(c.name), f"{escape(c.value)}{hint}", marks[c.status])
-            Console(highlight=False).print(table)
-        if any(c.status == "fail" for c in checks):
-            raise typer.Exit(1)
+    app.command("doctor")(doctor_cmd)

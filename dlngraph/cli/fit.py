@@ -52,8 +52,66 @@ def _cost(plan) -> str:  # noqa: ANN001 - ExecutionPlan
     return f"cost: ~${prompt + completion:.4f}"
 
 
+def fit_cmd(
+    spec: Path = typer.Argument(..., help="Path to the spec YAML."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<name>-<time>)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    seed: int | None = typer.Option(None, "--seed", help="Override train.seed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the projected cost and stop."),
+    iterations: int | None = typer.Option(None, "--iterations", min=0, help="Override train.iterations."),
+    cache: Path | None = CACHE,
+    no_cache: bool = NO_CACHE,
+    mlflow: bool = typer.Option(
+        False, "--mlflow",
+        help="Log to MLflow (needs dlngraph[mlflow]); the store is the spec's tracking.mlflow or MLFLOW_TRACKING_URI.",
+    ),
+) -> None:
+    """Train the prompts of SPEC; prints the projected calls and tokens before the first call."""
+    from dlngraph.api import compile_spec
+    from dlngraph.fitting import fit, projected
+    from dlngraph.runtime.rundir import default_path
+
+    plan = compile_spec(spec)
+    per, whole = plan.estimate_per_iteration, projected(plan, iterations)
+    typer.echo(
+        f"{plan.name}: per iteration ~{per.calls} batched calls, {per.requests} requests, "
+        f"{per.prompt_tokens + per.completion_tokens} tokens"
+    )
+    typer.echo(
+        f"whole fit: ~{whole.calls} calls, {whole.requests} requests, "
+        f"{whole.prompt_tokens} prompt + {whole.completion_tokens} completion tokens; {_cost(plan)}"
+    )
+    if dry_run:
+        return
+    run_dir = resume or out or default_path(plan.name)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            result = fit(
+                spec,
+                out=None if resume else run_dir,
+                resume=resume,
+                seed=seed,
+                iterations=iterations,
+                cache_dir=cache,
+                no_cache=no_cache,
+                mlflow=mlflow,
+                plan=plan,
+                events=_Bars(progress),
+            )
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; the last checkpoint is saved. Continue with: dlngraph fit {spec} --resume {run_dir}", err=True)
+        raise typer.Exit(130) from None
+    best = result.best
+    dev = "n/a" if best["dev_acc"] is None else f"{best['dev_acc']:.4f}"
+    typer.echo(f"done: {result.iterations} iteration(s){' (early stop)' if result.stopped_early else ''}; "
+               f"best dev accuracy {dev} at iteration {best['iteration']}")
+    typer.echo(f"run directory: {result.run_dir.path}")
+    typer.echo(f"best prompts: {result.run_dir.best}")
+
+
 def register(app: typer.Typer) -> None:
-    @app.command(
+    app.command(
         "fit",
         epilog=(
             "Examples:\n\n"
@@ -62,60 +120,4 @@ def register(app: typer.Typer) -> None:
             "  dlngraph fit specs/dln2-subj.yaml --resume runs/subj\n\n"
             "  MLFLOW_TRACKING_URI=sqlite:///mlflow.db dlngraph fit specs/dln1-mpqa.yaml --mlflow"
         ),
-    )
-    def fit_cmd(
-        spec: Path = typer.Argument(..., help="Path to the spec YAML."),
-        out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<name>-<time>)."),
-        resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory."),
-        seed: int | None = typer.Option(None, "--seed", help="Override train.seed."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the projected cost and stop."),
-        iterations: int | None = typer.Option(None, "--iterations", min=0, help="Override train.iterations."),
-        cache: Path | None = CACHE,
-        no_cache: bool = NO_CACHE,
-        mlflow: bool = typer.Option(
-            False, "--mlflow",
-            help="Log to MLflow (needs dlngraph[mlflow]); the store is the spec's tracking.mlflow or MLFLOW_TRACKING_URI.",
-        ),
-    ) -> None:
-        """Train the prompts of SPEC; prints the projected calls and tokens before the first call."""
-        from dlngraph.api import compile_spec
-        from dlngraph.fitting import fit, projected
-        from dlngraph.runtime.rundir import default_path
-
-        plan = compile_spec(spec)
-        per, whole = plan.estimate_per_iteration, projected(plan, iterations)
-        typer.echo(
-            f"{plan.name}: per iteration ~{per.calls} batched calls, {per.requests} requests, "
-            f"{per.prompt_tokens + per.completion_tokens} tokens"
-        )
-        typer.echo(
-            f"whole fit: ~{whole.calls} calls, {whole.requests} requests, "
-            f"{whole.prompt_tokens} prompt + {whole.completion_tokens} completion tokens; {_cost(plan)}"
-        )
-        if dry_run:
-            return
-        run_dir = resume or out or default_path(plan.name)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        try:
-            with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-                result = fit(
-                    spec,
-                    out=None if resume else run_dir,
-                    resume=resume,
-                    seed=seed,
-                    iterations=iterations,
-                    cache_dir=cache,
-                    no_cache=no_cache,
-                    mlflow=mlflow,
-                    plan=plan,
-                    events=_Bars(progress),
-                )
-        except KeyboardInterrupt:
-            typer.echo(f"interrupted; the last checkpoint is saved. Continue with: dlngraph fit {spec} --resume {run_dir}", err=True)
-            raise typer.Exit(130) from None
-        best = result.best
-        dev = "n/a" if best["dev_acc"] is None else f"{best['dev_acc']:.4f}"
-        typer.echo(f"done: {result.iterations} iteration(s){' (early stop)' if result.stopped_early else ''}; "
-                   f"best dev accuracy {dev} at iteration {best['iteration']}")
-        typer.echo(f"run directory: {result.run_dir.path}")
-        typer.echo(f"best prompts: {result.run_dir.best}")
+    )(fit_cmd)

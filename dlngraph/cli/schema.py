@@ -12,10 +12,12 @@ EPILOG = """Examples:
 """
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("schema", epilog=EPILOG)
-    def schema_cmd() -> None:
-        """Print the JSON Schema of a spec file (editors can validate and complete with it)."""
-        from dlngraph.spec import json_schema
+def schema_cmd() -> None:
+    """Print the JSON Schema of a spec file (editors can validate and complete with it)."""
+    from dlngraph.spec import json_schema
 
-        typer.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
+    typer.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("schema", epilog=EPILOG)(schema_cmd)

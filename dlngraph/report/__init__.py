@@ -9,17 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from dlngraph.report.page import render_page
-from dlngraph.report.rundir import RunDir, load_run
+from dlngraph.report.rundir import RunRecord, load_run
+from dlngraph.runtime.files import check_output, write_atomic
+from dlngraph.runtime.rundir import RunDir
 
-__all__ = ["RunDir", "load_run", "render_page", "write_report"]
+__all__ = ["RunRecord", "load_run", "render_page", "write_report"]
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Render RUN_DIR to OUT (default RUN_DIR/report.html) and return the path written."""
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False) -> Path:
+    """Render RUN_DIR to OUT (default RUN_DIR/report.html, replaced on every run) and
+    return the path written. An OUT that exists is replaced only with `force`, and
+    never when it is one of the run's own files."""
     run = load_run(run_dir)
-    target = Path(out) if out is not None else run.path / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(render_page(run), encoding="utf-8")
-    tmp.replace(target)  # atomic: a browser never sees half a page
-    return target
+    files = RunDir(run.path)
+    if out is None:
+        target = files.report
+    else:
+        protected = {"the run's spec": files.spec, "the run's plan": files.plan, "the run's metrics": files.metrics,
+                     "the run's best prompts": files.best}
+        target = check_output(out, protected=protected, force=force)
+    return write_atomic(target, render_page(run))  # atomic: a browser never sees half a page

@@ -1,6 +1,6 @@
 """The report page: one HTML string with inline CSS and SVG, nothing fetched at view time.
 
-Each `_section_*` function turns one part of a `RunDir` into HTML and returns
+Each `_section_*` function turns one part of a `RunRecord` into HTML and returns
 "" when the run has no data for it. Every piece of run text goes through
 `html.escape`.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from dlngraph.report.charts import line_chart
 from dlngraph.report.diagram import network_svg
-from dlngraph.report.rundir import RunDir
+from dlngraph.report.rundir import RunRecord
 from dlngraph.report.worddiff import word_diff
 
 POSTERIOR_EXAMPLES = 3  # examples shown per hidden node
@@ -91,17 +91,17 @@ def _candidate(text: Any) -> str:
     return escape(str(text)) if str(text or "").strip() else '<span class="muted">(empty)</span>'
 
 
-def _total(run: RunDir, field: str) -> float:
+def _total(run: RunRecord, field: str) -> float:
     return sum(m.get(field) or 0 for m in run.metrics)
 
 
-def _node_order(run: RunDir) -> list[str]:
+def _node_order(run: RunRecord) -> list[str]:
     """Nodes in forward (topological) order; stage members sorted by name."""
     staged = [n for stage in run.plan.get("forward", []) for n in sorted(stage["nodes"])]
     return staged + sorted(set(run.plan.get("nodes", {})) - set(staged))
 
 
-def _section_summary(run: RunDir) -> str:
+def _section_summary(run: RunRecord) -> str:
     dev = [m["dev_acc"] for m in run.metrics if m.get("dev_acc") is not None]
     cards = [
         ("iterations", str(max((m["iteration"] for m in run.metrics), default=0))),
@@ -117,11 +117,11 @@ def _section_summary(run: RunDir) -> str:
     return f'<div class="cards" id="summary">{body}</div>'
 
 
-def _section_network(run: RunDir) -> str:
+def _section_network(run: RunRecord) -> str:
     return f'<section id="network"><h2>Network</h2>{network_svg(run.plan)}</section>'
 
 
-def _section_curves(run: RunDir) -> str:
+def _section_curves(run: RunRecord) -> str:
     accuracy = {
         split: [(m["iteration"], m[f"{split}_acc"]) for m in run.metrics if m.get(f"{split}_acc") is not None]
         for split in ("train", "dev")
@@ -140,7 +140,7 @@ def _section_curves(run: RunDir) -> str:
     return f'<section id="curves"><h2>Learning curves</h2><div class="charts">{charts}</div></section>'
 
 
-def _prompt_steps(run: RunDir, node: str) -> list[tuple[int, str]]:
+def _prompt_steps(run: RunRecord, node: str) -> list[tuple[int, str]]:
     """(iteration, prompt) for the first checkpoint and every later change of NODE's prompt."""
     steps: list[tuple[int, str]] = []
     for checkpoint in run.checkpoints:
@@ -150,7 +150,7 @@ def _prompt_steps(run: RunDir, node: str) -> list[tuple[int, str]]:
     return steps
 
 
-def _section_prompts(run: RunDir) -> str:
+def _section_prompts(run: RunRecord) -> str:
     best_prompts = run.best.get("prompts") or {}
     blocks = []
     for node in _node_order(run):
@@ -198,7 +198,7 @@ def _posterior_example(record: dict[str, Any]) -> str:
     )
 
 
-def _section_posteriors(run: RunDir) -> str:
+def _section_posteriors(run: RunRecord) -> str:
     blocks = []
     for node in _node_order(run):
         records = [r for r in run.posteriors if r.get("node") == node]
@@ -216,7 +216,7 @@ def _section_posteriors(run: RunDir) -> str:
     return f'<section id="posteriors"><h2>Posterior samples of hidden nodes</h2>{"".join(blocks)}</section>'
 
 
-def _section_flips(run: RunDir) -> str:
+def _section_flips(run: RunRecord) -> str:
     before = {r["index"]: r for r in run.predictions["initial"]}
     after = {r["index"]: r for r in run.predictions["best"]}
     if not before or not after:
@@ -251,7 +251,7 @@ def _section_flips(run: RunDir) -> str:
     return f'<section id="flips"><h2>Dev examples that changed</h2>{head}{table}</section>'
 
 
-def _section_usage(run: RunDir) -> str:
+def _section_usage(run: RunRecord) -> str:
     header = "".join(f'<th class="num">{escape(f.replace("_", " "))}</th>' for f in USAGE_FIELDS)
     rows = [
         f'<tr><td class="num">{m["iteration"]}</td><td class="num">{_pct(m.get("train_acc"))}</td>'
@@ -269,7 +269,7 @@ def _section_usage(run: RunDir) -> str:
     )
 
 
-def _section_spec(run: RunDir) -> str:
+def _section_spec(run: RunRecord) -> str:
     if not run.spec_text:
         return ""
     return (
@@ -289,7 +289,7 @@ SECTIONS = (
 )
 
 
-def render_page(run: RunDir) -> str:
+def render_page(run: RunRecord) -> str:
     bodies = [(anchor, title, build(run)) for anchor, title, build in SECTIONS]
     nav = "".join(f'<a href="#{anchor}">{escape(title)}</a>' for anchor, title, body in bodies if body)
     return (

@@ -1,25 +1,23 @@
-"""Reading a run directory written by `dlngraph fit` into plain records.
+"""A run directory written by `dlngraph fit`, read into plain records for the report.
 
-The trainer's contract: spec.yaml, plan.json, metrics.jsonl, checkpoints/,
-best.yaml, posteriors.jsonl, predictions/dev-{initial,best}.jsonl. Any of the
-optional files may be missing (an interrupted run); the report then leaves the
-matching section out instead of failing.
+The file names are `runtime.rundir.RunDir`'s (the trainer writes through the
+same class). plan.json and metrics.jsonl are required; any other file may be
+missing (an interrupted run), and the report then leaves the matching section
+out instead of failing.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.rundir import PREDICTION_SETS, RunDir
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunRecord:
     path: Path
     spec_text: str
     plan: dict[str, Any]
@@ -34,40 +32,25 @@ class RunDir:
         return str(self.plan.get("name") or self.path.name)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-
-def load_run(path: str | Path) -> RunDir:
+def load_run(path: str | Path) -> RunRecord:
     """Read RUN_DIR; plan.json and metrics.jsonl are required, the rest optional."""
-    root = Path(path)
-    plan_path, metrics_path = root / "plan.json", root / "metrics.jsonl"
-    for required in (plan_path, metrics_path):
+    run = RunDir(path)
+    for required in (run.plan, run.metrics):
         if not required.is_file():
             raise RuntimeFailure(
-                f"{root} is not a run directory: {required.name} is missing",
+                f"{run.path} is not a run directory: {required.name} is missing",
                 hint="pass the directory `dlngraph fit` wrote, e.g. runs/<spec-name>-<timestamp>",
             )
-    checkpoints = [_yaml(p) for p in sorted((root / "checkpoints").glob("iter-*.yaml"))]
-    spec_path = root / "spec.yaml"
-    return RunDir(
-        path=root,
-        spec_text=spec_path.read_text(encoding="utf-8") if spec_path.is_file() else "",
-        plan=json.loads(plan_path.read_text(encoding="utf-8")),
-        metrics=sorted(_jsonl(metrics_path), key=lambda m: m["iteration"]),
+    checkpoints = [run.read_mapping(p) for p in run.checkpoint_files()]
+    return RunRecord(
+        path=run.path,
+        spec_text=run.spec.read_text(encoding="utf-8") if run.spec.is_file() else "",
+        plan=run.saved_plan(),
+        metrics=sorted(run.read(run.metrics), key=lambda m: m["iteration"]),
         checkpoints=sorted(checkpoints, key=lambda c: c.get("iteration", 0)),
-        best=_yaml(root / "best.yaml"),
-        posteriors=_jsonl(root / "posteriors.jsonl"),
+        best=run.read_mapping(run.best),
+        posteriors=run.read(run.posteriors),
         predictions={
-            which: sorted(_jsonl(root / "predictions" / f"dev-{which}.jsonl"), key=lambda r: r["index"])
-            for which in ("initial", "best")
+            which: sorted(run.read(run.predictions(which)), key=lambda r: r["index"]) for which in PREDICTION_SETS
         },
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from dlngraph.capabilities import Capability
+from dlngraph.errors import RuntimeFailure
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ class Score:
     def mean(self) -> float:
         # An empty continuation (e.g. end-of-text first) is a scored outcome, not a crash.
         return self.total / len(self.token_logprobs) if self.token_logprobs else 0.0
+
+
+class PartialBatch(RuntimeFailure):
+    """A batch that failed after some answers had arrived: `answers` maps the
+    index of each answered request to its result, so that the response cache
+    keeps every answer received (a re-run then asks only for the rest)."""
+
+    def __init__(self, failure: RuntimeFailure, answers: dict[int, Any]) -> None:
+        # The failure's own text and hint, as rendered to the user, unchanged.
+        Exception.__init__(self, *failure.args)
+        self.node, self.hint = failure.node, failure.hint
+        self.answers = answers
 
 
 @dataclass

@@ -3,9 +3,13 @@
 Each batch runs as asyncio tasks on one process-wide event loop (litellm keeps
 its HTTP clients per loop), at most `concurrency` in flight. Every request is
 retried by tenacity with exponential backoff and jitter on rate limits, 5xx,
-timeouts and connection errors; every failed attempt counts against the
-backend's `max_errors` budget, and a spent budget or a request out of retries
-stops the run with a `RuntimeFailure` (the trainer checkpoints on that).
+timeouts and connection errors, all within the spec's `timeout`: one deadline
+per request, retries and backoff included, so a server that accepts and never
+answers stops the batch after `timeout` seconds, not after `timeout` per
+attempt. Every failed attempt counts against the backend's `max_errors`
+budget, and a spent budget or a request out of retries stops the run with a
+`RuntimeFailure` (the trainer checkpoints on that); when some answers of the
+batch had arrived, it is a `PartialBatch` carrying them, for the cache.
 
 With several `deployments` the calls go through a litellm `Router`: it spreads
 them over the servers and cools down a failing one, so a retry lands on a
@@ -19,6 +23,10 @@ one request per distinct prompt.
 
 The API key is read from the environment variable the spec names when a call
 is made; it is never stored in the spec, the cache, logs or the run directory.
+
+`probe_backend`, `probing_resolver` and `token_counter` are the hooks the
+compiler uses for litellm backends (probing only when asked); the checks
+themselves are in `probe`, which does not import this module.
 """
 
 from __future__ import annotations
@@ -32,17 +40,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from dlngraph.capabilities import DECLARED, Capability
 from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.backends import probe
 from dlngraph.runtime.backends.base import (
     BackendBase,
     GenerateRequest,
     Generation,
+    PartialBatch,
     Score,
     ScoreRequest,
 )
+from dlngraph.runtime.backends.replies import choice_logprob, continuation_score, describe, top_alternatives
 from dlngraph.spec import Deployment, LiteLLMBackendSpec
 
 log = logging.getLogger(__name__)
@@ -106,16 +117,10 @@ def is_transient(exc: BaseException) -> bool:
         litellm.Timeout,
         RouterRateLimitError,
     )
-    if isinstance(exc, transient):
+    if isinstance(exc, (*transient, TimeoutError)):  # TimeoutError: our own per-request deadline
         return True
     status = getattr(exc, "status_code", None)
     return isinstance(status, int) and (status == 429 or status >= 500)
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming the error (litellm's messages run long)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
 
 
 # --------------------------------------------------------------------------- keys
@@ -144,12 +149,12 @@ def direct_transport(spec: LiteLLMBackendSpec) -> Send:
     """One endpoint: litellm's text completion with the spec's model and base."""
     litellm = import_litellm()
 
-    async def send(**params: Any) -> Any:
+    async def send(timeout: float, **params: Any) -> Any:
         return await litellm.atext_completion(
             model=spec.model,
             api_base=spec.api_base,
             api_key=api_key(spec.api_key_env, spec.api_base),
-            timeout=spec.timeout,
+            timeout=timeout,
             num_retries=0,  # tenacity retries; litellm must not retry underneath
             max_retries=0,
             **params,
@@ -171,8 +176,8 @@ def router_transport(spec: LiteLLMBackendSpec) -> Send:
         timeout=spec.timeout,
     )
 
-    async def send(**params: Any) -> Any:
-        return await router.atext_completion(model=spec.model, **params)
+    async def send(timeout: float, **params: Any) -> Any:
+        return await router.atext_completion(model=spec.model, timeout=timeout, **params)
 
     return send
 
@@ -197,15 +202,15 @@ def router_entry(spec: LiteLLMBackendSpec, deployment: Deployment) -> dict[str, 
 class LiteLLMBackend(BackendBase):
     kind: ClassVar[str] = "litellm"
 
-    def __init__(self, spec: LiteLLMBackendSpec) -> None:
+    def __init__(self, spec: LiteLLMBackendSpec, *, deadline: float | None = None) -> None:
         super().__init__()
-        from dlngraph.runtime.backends.probe import cached_capabilities
-
         self.spec = spec
         # The model string, not the server address: the same model on another
         # port or behind more deployments answers from the same cache entries.
         self.identity = f"litellm:{spec.model}"
-        self.capabilities = cached_capabilities(spec) or DECLARED["litellm"]
+        self.capabilities = probe.cached_capabilities(spec) or DECLARED["litellm"]
+        # A `time.monotonic()` no request may outlive (a probe's one overall budget).
+        self.deadline = deadline
         self.errors = 0
         self.routed: dict[str, int] = {}  # api_base -> successful requests
         self._send: Send | None = None
@@ -220,32 +225,53 @@ class LiteLLMBackend(BackendBase):
     # ------------------------------------------------------------------ requests
 
     async def request(self, params: dict[str, Any], limit: asyncio.Semaphore) -> Any:
-        """One completion, retried on transient errors; every failure spends budget."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_random_exponential(multiplier=self.spec.backoff, max=MAX_BACKOFF),
-            stop=stop_after_attempt(self.spec.max_retries + 1),
-            reraise=True,
-        )
-        async with limit:
+        """One completion, retried on transient errors within one deadline; every failure spends budget."""
+        async with limit:  # the deadline starts when the request may be sent, not while it queues
+            deadline = time.monotonic() + self.spec.timeout
+            if self.deadline is not None:
+                deadline = min(deadline, self.deadline)
+            backoff = wait_random_exponential(multiplier=self.spec.backoff, max=MAX_BACKOFF)
+
+            def wait(state: RetryCallState) -> float:
+                return max(0.0, min(backoff(state), deadline - time.monotonic()))
+
+            def stop(state: RetryCallState) -> bool:
+                return state.attempt_number > self.spec.max_retries or time.monotonic() >= deadline
+
+            retrying = AsyncRetrying(retry=retry_if_exception(is_transient), wait=wait, stop=stop, reraise=True)
+            attempts = 0
             try:
                 async for attempt in retrying:
                     with attempt:
+                        attempts += 1
+                        left = deadline - time.monotonic()
                         try:
-                            response = await self.send(**params)
+                            if left <= 0:
+                                raise TimeoutError("no time left before the deadline")
+                            try:
+                                # wait_for as well: litellm's own timeout does not bound every stage of a call.
+                                response = await asyncio.wait_for(self.send(timeout=left, **params), left)
+                            except TimeoutError:
+                                raise TimeoutError(f"no answer within {left:.3g} s") from None
                         except Exception as exc:
                             self._spend_error(exc)
                             raise
             except RuntimeFailure:
                 raise
             except Exception as exc:
-                tried = f"after {self.spec.max_retries + 1} attempts" if is_transient(exc) else "(not retryable)"
-                raise RuntimeFailure(
-                    f"model {self.spec.model}: a request failed {tried}: {describe(exc)}",
-                    hint=self._where_hint(),
-                ) from exc
+                raise self._failure(exc, attempts) from exc
         self._account(response)
         return response
+
+    def _failure(self, exc: Exception, attempts: int) -> RuntimeFailure:
+        if isinstance(exc, TimeoutError) or time.monotonic() >= (self.deadline or math.inf):
+            what = f"no answer within {self.spec.timeout:g} s (the backend's `timeout`, retries included)"
+            if self.deadline is not None:
+                what = "no answer before the probe's deadline"
+        else:
+            tried = f"after {attempts} attempt{'s' * (attempts != 1)}" if is_transient(exc) else "(not retryable)"
+            what = f"a request failed {tried}: {describe(exc)}"
+        return RuntimeFailure(f"model {self.spec.model}: {what}", hint=self._where_hint())
 
     def _spend_error(self, exc: BaseException) -> None:
         self.errors += 1
@@ -282,7 +308,8 @@ class LiteLLMBackend(BackendBase):
             return 0.0
 
     def run_batch(self, jobs: list[dict[str, Any]]) -> list[Any]:
-        """Run `jobs` concurrently; the first failure cancels the rest and is raised."""
+        """Run `jobs` concurrently; the first failure cancels the rest and is raised, as
+        a `PartialBatch` holding the replies (by job index) that had arrived."""
         started = time.perf_counter()
 
         async def gather() -> list[Any]:
@@ -290,6 +317,11 @@ class LiteLLMBackend(BackendBase):
             tasks = [asyncio.ensure_future(self.request(params, limit)) for params in jobs]
             try:
                 return await asyncio.gather(*tasks)
+            except RuntimeFailure as failure:
+                arrived = {
+                    i: t.result() for i, t in enumerate(tasks) if t.done() and not t.cancelled() and t.exception() is None
+                }
+                raise PartialBatch(failure, arrived) from failure
             finally:
                 for task in tasks:
                     task.cancel()
@@ -317,18 +349,7 @@ class LiteLLMBackend(BackendBase):
             for r in requests
             for k in range(r.n)
         ]
-        responses = iter(self.run_batch(jobs))
-        results = []
-        for r in requests:
-            mine = [next(responses) for _ in range(r.n)]
-            results.append(
-                Generation(
-                    texts=tuple(m.choices[0].text or "" for m in mine),
-                    prompt_tokens=int(getattr(mine[0].usage, "prompt_tokens", 0) or 0),
-                    completion_tokens=sum(int(getattr(m.usage, "completion_tokens", 0) or 0) for m in mine),
-                )
-            )
-        return results
+        return self._answer(requests, jobs, _generations)
 
     # ------------------------------------------------------------------ score
 
@@ -340,22 +361,24 @@ class LiteLLMBackend(BackendBase):
     def _scoring_capabilities(self) -> frozenset[Capability]:
         if self.spec.capabilities is not None:
             return self.capabilities
-        from dlngraph.runtime.backends.probe import probe_backend
-
         self.capabilities = probe_backend(self.spec)
         return self.capabilities
 
     def _score_echo(self, requests: list[ScoreRequest]) -> list[Score]:
         """Exact log-probs of any continuation from echoed prompt log-probs."""
-        texts = [(r.prefix + r.prompt, r.continuation) for r in requests]
         jobs = [
-            {"prompt": head + tail, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
-            for head, tail in texts
+            {"prompt": r.prefix + r.prompt + r.continuation, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+            for r in requests
         ]
-        return [
-            continuation_score(response, len(head), len(head) + len(tail))
-            for response, (head, tail) in zip(self.run_batch(jobs), texts)
-        ]
+
+        def scores(requests: list[ScoreRequest], replies: dict[int, Any]) -> dict[int, Score]:
+            return {
+                i: continuation_score(replies[i], len(r.prefix + r.prompt), len(r.prefix + r.prompt + r.continuation))
+                for i, r in enumerate(requests)
+                if i in replies
+            }
+
+        return self._answer(requests, jobs, scores)
 
     def _score_top_k(self, requests: list[ScoreRequest]) -> list[Score]:
         """Single-token continuations from one top-k request per distinct prompt."""
@@ -367,15 +390,35 @@ class LiteLLMBackend(BackendBase):
         extra = {"extra_body": {"min_tokens": 1}} if own_servers else {}
         prompts = sorted({r.prefix + r.prompt for r in requests})
         jobs = [{"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": k, **extra} for p in prompts]
-        replies = dict(zip(prompts, self.run_batch(jobs)))
-        alternatives = {p: top_alternatives(reply) for p, reply in replies.items()}
-        return [
-            Score(
-                (choice_logprob(alternatives[r.prefix + r.prompt], r.continuation),),
-                prompt_tokens=int(getattr(replies[r.prefix + r.prompt].usage, "prompt_tokens", 0) or 0),
-            )
-            for r in requests
-        ]
+        at = {p: j for j, p in enumerate(prompts)}
+
+        def scores(requests: list[ScoreRequest], replies: dict[int, Any]) -> dict[int, Score]:
+            out = {}
+            for i, r in enumerate(requests):
+                reply = replies.get(at[r.prefix + r.prompt])
+                if reply is not None:
+                    out[i] = Score(
+                        (choice_logprob(top_alternatives(reply), r.continuation),),
+                        prompt_tokens=int(getattr(reply.usage, "prompt_tokens", 0) or 0),
+                    )
+            return out
+
+        return self._answer(requests, jobs, scores)
+
+    def _answer(
+        self,
+        requests: list[Any],
+        jobs: list[dict[str, Any]],
+        results: Callable[[list[Any], dict[int, Any]], dict[int, Any]],
+    ) -> list[Any]:
+        """Run `jobs` and turn the replies (by job index) into one result per request; on
+        a failure part way, the requests whose replies all arrived go with the failure."""
+        try:
+            replies = self.run_batch(jobs)
+        except PartialBatch as failure:
+            raise PartialBatch(failure, results(requests, failure.answers)) from failure
+        answered = results(requests, dict(enumerate(replies)))
+        return [answered[i] for i in range(len(requests))]
 
     def _check_single_tokens(self, requests: list[ScoreRequest]) -> None:
         tokenizer = self._load_tokenizer()
@@ -410,37 +453,75 @@ def load_tokenizer(name: str) -> Any:
     return AutoTokenizer.from_pretrained(str(model_directory(ModelSource.resolve(name))))
 
 
-# --------------------------------------------------------------------------- log-prob parsing
-
-
-def top_alternatives(response: Any) -> dict[str, float]:
-    """token text -> log-prob of the first generated position's top-k; empty when
-    the server returned none (e.g. it stopped at once), which is still an answer."""
-    logprobs = getattr(response.choices[0], "logprobs", None)
-    top = getattr(logprobs, "top_logprobs", None) if logprobs is not None else None
-    if not top or not top[0]:
-        return {}
-    out: dict[str, float] = {}
-    for token, value in dict(top[0]).items():
-        out[token] = max(out.get(token, -math.inf), float(value))
+def _generations(requests: list[GenerateRequest], replies: dict[int, Any]) -> dict[int, Generation]:
+    """Request index -> its Generation, for each request whose n samples (jobs in
+    order, n per request) all arrived."""
+    out: dict[int, Generation] = {}
+    first = 0
+    for i, r in enumerate(requests):
+        mine = [replies.get(first + k) for k in range(r.n)]
+        first += r.n
+        if all(m is not None for m in mine):
+            out[i] = Generation(
+                texts=tuple(m.choices[0].text or "" for m in mine),
+                prompt_tokens=int(getattr(mine[0].usage, "prompt_tokens", 0) or 0),
+                completion_tokens=sum(int(getattr(m.usage, "completion_tokens", 0) or 0) for m in mine),
+            )
     return out
 
 
-def choice_logprob(alternatives: dict[str, float], choice: str) -> float:
-    """log p(choice) when it is among the alternatives, else an upper bound on it:
-    no more than the least likely listed token, nor than the unlisted mass."""
-    if choice in alternatives:
-        return alternatives[choice]
-    rest = 1.0 - sum(math.exp(v) for v in alternatives.values())
-    bound = math.log(max(rest, 1e-12))
-    return min([bound, *alternatives.values()])
+# --------------------------------------------------------------------------- probing and compile hooks
 
 
-def continuation_score(response: Any, start: int, end: int) -> Score:
-    """Sum of the echoed log-probs of the tokens at character offsets [start, end)."""
-    logprobs = response.choices[0].logprobs
-    offsets = list(logprobs.text_offset)
-    values = list(logprobs.token_logprobs)
-    picked = tuple(float(v) for o, v in zip(offsets, values) if start <= o < end and v is not None)
-    return Score(picked, prompt_tokens=sum(1 for o in offsets if o < start))
+def prober(model: str, api_base: str, api_key_env: str | None, deadline: float) -> LiteLLMBackend:
+    """The sender `probe` uses for one endpoint: one retry, nothing past `deadline`."""
+    # Declared capabilities keep the probe's own backend from probing itself.
+    spec = LiteLLMBackendSpec(
+        model=model, api_base=api_base, api_key_env=api_key_env, timeout=max(deadline - time.monotonic(), 0.01),
+        max_retries=1, backoff=0.2, max_errors=4, capabilities=[Capability.GENERATE.value],
+    )
+    return LiteLLMBackend(spec, deadline=deadline)
 
+
+def probe_backend(spec: LiteLLMBackendSpec, *, timeout: float | None = None) -> frozenset[Capability]:
+    """What the endpoints of `spec` support, every request within `timeout` seconds
+    together (default: the spec's own `timeout`)."""
+    deadline = time.monotonic() + (spec.timeout if timeout is None else timeout)
+    return probe.probe_endpoints(spec, prober, deadline=deadline)
+
+
+def probe_endpoint(model: str, api_base: str, api_key_env: str | None, *, timeout: float = 30.0) -> probe.Probe:
+    """Probe one endpoint (or read its result from disk) within `timeout` seconds."""
+    return probe.check_endpoint(model, api_base, api_key_env, prober, deadline=time.monotonic() + timeout)
+
+
+def probing_resolver(timeout: float) -> Callable[[str, Any], frozenset[Capability]]:
+    """The compiler's resolver for `dlngraph compile --probe`: declared lists win,
+    litellm endpoints are probed, all within one `timeout` (seconds) for the whole
+    spec; everything else is the kind's declaration. An endpoint that does not
+    answer in time keeps the declaration, with a warning."""
+    from dlngraph.compiler.capabilities import declared_capabilities
+
+    deadline = time.monotonic() + timeout
+
+    def resolve(backend_name: str, backend_spec: Any) -> frozenset[Capability]:
+        if not isinstance(backend_spec, LiteLLMBackendSpec) or backend_spec.capabilities is not None:
+            return declared_capabilities(backend_name, backend_spec)
+        try:
+            return probe.probe_endpoints(backend_spec, prober, deadline=deadline)
+        except RuntimeFailure as exc:
+            log.warning("backend %s: could not probe its endpoint (%s); using declared capabilities", backend_name,
+                        str(exc).splitlines()[0])
+            return DECLARED["litellm"]
+
+    return resolve
+
+
+def token_counter(backend_name: str, backend_spec: Any) -> Callable[[str], int] | None:
+    """The compiler's token counter: a litellm backend that names its `tokenizer`
+    counts with it, read from local files (so multi-token choices fail at compile
+    time); else None."""
+    if not isinstance(backend_spec, LiteLLMBackendSpec) or backend_spec.tokenizer is None:
+        return None
+    tokenizer = load_tokenizer(backend_spec.tokenizer)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -11,11 +11,13 @@ Three small requests per endpoint, on first use, remembered on disk under
    as a next token in step 2. llama.cpp's server fails this (its echoed prompt
    log-probs are shifted by one position), vLLM passes -> `score`.
 
-`capability_resolver` is what `dlngraph.api.compile_spec` uses, so a spec that
-needs scoring from an endpoint that cannot score fails at compile time. Only
-endpoints the spec points at (`api_base` or `deployments`) are probed; hosted
-providers keep the kind's declared capabilities, and a `capabilities:` list in
-the spec always wins without a single request.
+Nothing here sends a request on its own: the caller passes `connect`, which
+builds a sender for one endpoint (the litellm backend's `prober`), and one
+monotonic `deadline` that bounds every request of the probe together, however
+many endpoints and retries there are. `dlngraph compile` probes only when
+asked (`--probe`); declared `capabilities:` always win without a request, and
+hosted providers keep the kind's declaration. This module does not import the
+litellm backend, which imports it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,13 +34,8 @@ from typing import Any
 
 from dlngraph.capabilities import DECLARED, Capability
 from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime.backends.litellm_backend import (
-    LiteLLMBackend,
-    continuation_score,
-    describe,
-    load_tokenizer,
-    top_alternatives,
-)
+from dlngraph.runtime.backends.replies import continuation_score, describe, top_alternatives
+from dlngraph.runtime.files import write_atomic
 from dlngraph.spec import LiteLLMBackendSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +46,9 @@ KNOWN_PROMPT = "The capital of France is"
 # batching noise on a GPU server is ~1e-3, a shifted position is off by nats.
 TOLERANCE = 0.05
 MAX_AGE = 24 * 3600.0
+
+# (model, api_base, api_key_env, deadline) -> a sender with `run_batch(jobs)` for that endpoint.
+Connect = Callable[[str, str, str | None, float], Any]
 
 
 @dataclass(frozen=True)
@@ -96,12 +94,7 @@ def read_probe(model: str, api_base: str) -> Probe | None:
 
 def write_probe(model: str, api_base: str, probe: Probe) -> None:
     """Atomic, so concurrent probes of one endpoint never leave half a file."""
-    path = probe_path(model, api_base)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(probe.to_json(model, api_base))
-    os.replace(tmp, path)
+    write_atomic(probe_path(model, api_base), probe.to_json(model, api_base))
 
 
 def cached_capabilities(spec: LiteLLMBackendSpec) -> frozenset[Capability] | None:
@@ -115,10 +108,11 @@ def cached_capabilities(spec: LiteLLMBackendSpec) -> frozenset[Capability] | Non
     return frozenset.intersection(*(p.capabilities for p in probes if p is not None))
 
 
-def probe_backend(spec: LiteLLMBackendSpec) -> frozenset[Capability]:
+def probe_endpoints(spec: LiteLLMBackendSpec, connect: Connect, *, deadline: float) -> frozenset[Capability]:
     """Capabilities every reachable endpoint of `spec` has, probing those not on
-    disk yet; raises only if none answers (the Router routes around a dead one).
-    A backend without an endpoint of its own keeps the kind's declaration."""
+    disk yet, all before `deadline` (`time.monotonic()`); raises only if none
+    answers (the Router routes around a dead one). A backend without an endpoint
+    of its own keeps the kind's declaration."""
     known = cached_capabilities(spec)
     if known is not None:
         return known
@@ -129,7 +123,7 @@ def probe_backend(spec: LiteLLMBackendSpec) -> frozenset[Capability]:
     failure: RuntimeFailure | None = None
     for model, base, key_env in points:
         try:
-            found.append(probe_endpoint(model, base, key_env, timeout=spec.timeout))
+            found.append(check_endpoint(model, base, key_env, connect, deadline=deadline))
         except RuntimeFailure as exc:
             log.warning("could not probe %s: %s", base, str(exc).splitlines()[0])
             failure = exc
@@ -139,24 +133,15 @@ def probe_backend(spec: LiteLLMBackendSpec) -> frozenset[Capability]:
     return frozenset.intersection(*(p.capabilities for p in found))
 
 
-def probe_endpoint(model: str, api_base: str, api_key_env: str | None, *, timeout: float = 30.0) -> Probe:
+def check_endpoint(model: str, api_base: str, api_key_env: str | None, connect: Connect, *, deadline: float) -> Probe:
     """Probe one endpoint (or read it from disk); raises RuntimeFailure if unreachable."""
     cached = read_probe(model, api_base)
     if cached is not None:
         return cached
-    probe = run_probe(_prober(model, api_base, api_key_env, timeout))
+    probe = run_probe(connect(model, api_base, api_key_env, deadline))
     log.info("probed %s at %s: %s %s", model, api_base, sorted(probe.capabilities), probe.notes)
     write_probe(model, api_base, probe)
     return probe
-
-
-def _prober(model: str, api_base: str, api_key_env: str | None, timeout: float) -> LiteLLMBackend:
-    # Declared capabilities keep the probe's own backend from probing itself.
-    spec = LiteLLMBackendSpec(
-        model=model, api_base=api_base, api_key_env=api_key_env, timeout=timeout,
-        max_retries=1, backoff=0.2, max_errors=4, capabilities=[Capability.GENERATE.value],
-    )
-    return LiteLLMBackend(spec)
 
 
 def run_probe(backend: Any) -> Probe:
@@ -200,28 +185,3 @@ def _echo_mismatch(backend: Any, token: str, expected: float) -> str | None:
             "prompt log-probs are misaligned (llama.cpp's server shifts them by one position)"
         )
     return None
-
-
-def capability_resolver(backend_name: str, backend_spec: Any) -> frozenset[Capability]:
-    """The compiler's resolver: declared lists win, litellm endpoints are probed,
-    everything else is the kind's declaration. An unreachable endpoint keeps the
-    declaration (compiling needs no server); the run then fails on its first call."""
-    from dlngraph.compiler.capabilities import declared_capabilities
-
-    if not isinstance(backend_spec, LiteLLMBackendSpec) or backend_spec.capabilities is not None:
-        return declared_capabilities(backend_name, backend_spec)
-    try:
-        return probe_backend(backend_spec)
-    except RuntimeFailure as exc:
-        log.warning("backend %s: could not probe its endpoint (%s); using declared capabilities", backend_name,
-                    str(exc).splitlines()[0])
-        return DECLARED["litellm"]
-
-
-def token_counter(backend_name: str, backend_spec: Any) -> Callable[[str], int] | None:
-    """The compiler's token counter: a litellm backend that names its `tokenizer`
-    counts with it (so multi-token choices fail at compile time); else None."""
-    if not isinstance(backend_spec, LiteLLMBackendSpec) or backend_spec.tokenizer is None:
-        return None
-    tokenizer = load_tokenizer(backend_spec.tokenizer)
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])

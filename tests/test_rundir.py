@@ -1,0 +1,93 @@
+"""The run directory: one class names its files (the trainer writes through it,
+the report reads through it), and a writer's lock keeps a second fit or resume
+of the same directory out, tested with two real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dlngraph.api import compile_spec
+from dlngraph.cli import main
+from dlngraph.errors import RuntimeFailure
+from dlngraph.report import load_run
+from dlngraph.runtime.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "specs" / "dln1-mpqa.yaml"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    with RunDir.create(tmp_path / "run", compile_spec(SPEC)) as run:
+        run.append(run.metrics, [{"iteration": 0, "dev_acc": 0.5}])
+    return run.path
+
+
+@pytest.fixture
+def holder(run_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process that opened the run directory for resuming and keeps it."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from dlngraph.runtime.rundir import RunDir
+        run = RunDir.open({str(run_dir)!r})
+        print("locked", flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+    yield process
+    assert process.stdin is not None
+    process.stdin.close()
+    process.wait(timeout=30)
+
+
+def test_a_second_resume_is_refused_naming_the_holders_pid(
+    run_dir: Path, holder: subprocess.Popen[str], capsys: pytest.CaptureFixture
+) -> None:
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", str(SPEC), "--resume", str(run_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert f"run directory {run_dir} is in use by another dlngraph process (pid {holder.pid})" in err
+    assert "Traceback" not in err
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # the refused fit wrote nothing
+
+
+def test_the_lock_goes_with_its_process(run_dir: Path, holder: subprocess.Popen[str]) -> None:
+    with pytest.raises(RuntimeFailure, match=f"pid {holder.pid}"):
+        RunDir.open(run_dir)
+    holder.kill()  # no clean-up runs: the kernel drops a dead process's flock
+    holder.wait(timeout=30)
+    with RunDir.open(run_dir) as run:
+        assert run.lock_file.read_text().strip() == str(os.getpid())
+
+
+def test_create_refuses_a_used_directory_but_not_its_own_lock_file(run_dir: Path, tmp_path: Path) -> None:
+    plan = compile_spec(SPEC)
+    with pytest.raises(RuntimeFailure, match="not empty"):
+        RunDir.create(run_dir, plan)
+    only_a_lock = tmp_path / "fresh"
+    only_a_lock.mkdir()
+    (only_a_lock / ".lock").write_text("")  # left by a create that failed
+    RunDir.create(only_a_lock, plan).close()
+
+
+def test_the_report_reads_the_files_the_writer_names(run_dir: Path) -> None:
+    with RunDir.open(run_dir) as run:
+        run.save_checkpoint({"iteration": 1, "prompts": {"sentiment": "p"}})
+        run.save_best({"iteration": 1, "prompts": {"sentiment": "p"}})
+        run.write_predictions("best", [{"index": 1, "correct": True}, {"index": 0, "correct": False}])
+    record = load_run(run_dir)
+    assert record.name == "dln1-mpqa"
+    assert record.spec_text == SPEC.read_text()
+    assert [c["iteration"] for c in record.checkpoints] == [1]
+    assert record.best["prompts"] == {"sentiment": "p"}
+    assert [r["index"] for r in record.predictions["best"]] == [0, 1] and record.predictions["initial"] == []
