@@ -42,8 +42,9 @@ def declared_capabilities(backend_name: str, backend_spec: object) -> frozenset[
     return DECLARED[getattr(backend_spec, "kind")]
 
 
-def needs(data: NodeData) -> list[tuple[str, frozenset[Capability]]]:
-    """What a node needs, as (reason, any-of set) pairs: each set needs one member."""
+def needs(data: NodeData, proposer: str | None = None) -> list[tuple[str, frozenset[Capability]]]:
+    """What a node needs of its own backend, as (reason, any-of set) pairs: each set
+    needs one member. With a `proposer` backend, proposals are not its own backend's."""
     if data.kind is NodeKind.DEEP_THINKING:
         return [("deep_thinking nodes update attention K/V", frozenset({KV}))]
     out = []
@@ -51,7 +52,7 @@ def needs(data: NodeData) -> list[tuple[str, frozenset[Capability]]]:
         out.append(("choice outputs score each choice", frozenset({S, T})))
     else:
         out.append(("text layers generate text", frozenset({G})))
-    if data.trainable:
+    if data.trainable and proposer is None:
         out.append(("trainable layers generate prompt proposals", frozenset({G})))
         if data.output_type == "text":
             out.append(("trainable text layers score continuations", frozenset({S})))
@@ -83,15 +84,34 @@ def run(unit: Unit) -> Unit:
         have = capabilities.get(data.backend)
         if have is None:
             continue
-        for reason, any_of in needs(data):
+        for reason, any_of in needs(data, unit.spec.train.proposer):
             if not have & any_of:
                 problems.append(_missing(data, reason, any_of, have, unit, source))
         count = counters.get(data.backend)
         if data.output_type == "choice" and count is not None:
             problems += _multi_token_choices(data, count, unit, source)
+    problems += _proposer_generates(unit, capabilities, source)
     if problems:
         raise SpecError(problems)
     return replace(unit, capabilities=capabilities)
+
+
+def _proposer_generates(unit: Unit, capabilities: dict[str, frozenset[Capability]], source: Source) -> list[Diagnostic]:
+    """`train.proposer` writes proposals and posterior samples: it must generate."""
+    assert unit.spec is not None
+    name = unit.spec.train.proposer
+    have = capabilities.get(name) if name is not None else None
+    if name is None or have is None or G in have:
+        return []
+    return [
+        source.diagnostic(
+            "E405",
+            f"proposer backend '{name}' ({unit.spec.backends[name].kind}) cannot generate text",
+            source.value_span(("train", "proposer")),
+            hint=f"backend '{name}' has: {', '.join(sorted(have)) or 'nothing'}; name a backend with `generate` "
+            "(or omit `proposer:` to let each node's own backend write its proposals)",
+        )
+    ]
 
 
 def _multi_token_choices(data: NodeData, count: Callable[[str], int], unit: Unit, source: Source) -> list[Diagnostic]:

@@ -34,6 +34,9 @@ class PlanNode:
     trainable: bool
     target: str | None  # dataset field when the node is an output
     span: Span = field(default_factory=Span, compare=False)
+    demos: int = 0  # demonstrations the template shows as `{{ demos }}` (learned with the prompt)
+    calibration: str = "none"  # label-prior removal of a choice layer: none | contextual | batch
+    proposer: str = ""  # backend writing the node's proposals and posterior samples (trainable layers)
 
     @property
     def is_output(self) -> bool:
@@ -45,7 +48,8 @@ class BatchedCall:
     """One batched backend call: `requests` items in a single list."""
 
     op: str  # "generate" | "score" | "think"
-    purpose: str  # forward | posterior_sampling | child_rescoring | prompt_proposals | candidate_scoring | think
+    # forward | posterior_sampling | child_rescoring | prompt_proposals | candidate_scoring | think | calibration
+    purpose: str
     backend: str
     nodes: tuple[str, ...]
     requests: int

@@ -50,7 +50,11 @@ def _describe(node: PlanNode) -> str:
     reads = ", ".join([*node.inputs, *node.parents])
     parts = [node.kind, output, f"backend {node.backend} ({node.backend_kind})"]
     if node.trainable:
-        parts.append("trainable")
+        parts.append("trainable" + (f" (proposals by {node.proposer})" if node.proposer != node.backend else ""))
+    if node.demos:
+        parts.append(f"{node.demos} demos")
+    if node.calibration != "none":
+        parts.append(f"calibration {node.calibration}")
     parts.append(f"reads {reads}" if reads else "reads nothing")
     if node.target:
         parts.append(f"scored against '{node.target}'")

@@ -11,7 +11,12 @@ REQUIRES "acyclic", "capable", "data_checked". GUARANTEES "planned".
   re-scoring for hidden nodes whose targets something upstream needs, prompt
   proposals (N - 1) and candidate scoring (N x B) for trainable layers.
 - evaluation: one forward over `dev_size` dev examples (all of dev if unset),
-  run before training and every `eval_every` iterations.
+  run before training and every `eval_every` iterations, after the label priors
+  of calibrated choice layers are estimated again (`calibration`: a forward over
+  `calibration_size` unlabeled train inputs, or the 3 content-free inputs).
+- candidate scoring counts every candidate: the current parameters, N - 1
+  proposals, the dev memory and, for layers with demonstrations, the
+  demonstration sets tried; demonstrations count in every request's prompt.
 
 Token counts are estimates: characters / 4, with mean field lengths from the
 data pass (64 tokens per field without data) and `max_tokens` for generated
@@ -28,7 +33,8 @@ from dataclasses import dataclass, field, replace
 import networkx as nx
 
 from dlngraph.capabilities import Capability
-from dlngraph.spec import DeepThinkingNode, Spec
+from dlngraph.errors import SpecError
+from dlngraph.spec import CONTENT_FREE_INPUTS, DeepThinkingNode, Spec
 
 from dlngraph.compiler import templates
 from dlngraph.compiler.ir import FieldProfile, NodeData, NodeKind, Unit, nodes
@@ -51,6 +57,7 @@ def run(unit: Unit) -> Unit:
     graph, spec = unit.graph, unit.spec
     data = nodes(graph)
     sizes = _Sizes(spec, data, unit.profiles, unit.capabilities)
+    _check_demonstrations(spec, data, unit)
     generations = [tuple(sorted(g)) for g in nx.topological_generations(graph)]
     train = spec.train
     forward = tuple(Stage(i, g, tuple(sizes.forward(data[n], train.batch_size) for n in g)) for i, g in enumerate(generations))
@@ -61,7 +68,10 @@ def run(unit: Unit) -> Unit:
     )
     dev_rows = _dev_rows(spec, unit.profiles)
     evaluation = (
-        tuple(Stage(i, g, tuple(sizes.forward(data[n], dev_rows) for n in g)) for i, g in enumerate(generations))
+        tuple(
+            Stage(i, g, tuple(c for n in g for c in (*sizes.calibration(data[n]), sizes.forward(data[n], dev_rows))))
+            for i, g in enumerate(generations)
+        )
         if dev_rows
         else ()
     )
@@ -126,8 +136,32 @@ class _Sizes:
         if known is None:
             own = tokens(len(d.spec.template)) + (tokens(len(d.spec.prompt)) if d.kind is NodeKind.LAYER else 0)
             reads = sum(self.field(f) for f in d.inputs) + sum(self.output(self.data[p]) for p in d.parents)
-            known = self._prompts[d.name] = own + reads
+            known = self._prompts[d.name] = own + reads + self.demos(d)
         return known
+
+    def demos(self, d: NodeData) -> int:
+        """Tokens of the node's demonstrations (all k): each its template, the fields it reads, a label."""
+        shown = getattr(d.spec, "demos", None)
+        if shown is None:
+            return 0
+        read = templates.variables(shown.template) - {"label"}
+        one = tokens(len(shown.template) + len(shown.separator)) + sum(self.field(f) for f in sorted(read)) + self.output(d)
+        return shown.count * one
+
+    def candidates(self, d: NodeData) -> int:
+        """Candidates a trainable layer scores per step (see the module docstring)."""
+        train = self.spec.train
+        shown = getattr(d.spec, "demos", None)
+        searched = shown is not None and shown.search and shown.examples is None
+        return train.prompt_proposals + train.memory + (train.demo_candidates if searched else 0)
+
+    def calibration(self, d: NodeData) -> tuple[BatchedCall, ...]:
+        """Estimating a calibrated choice layer's label prior again (before a dev evaluation)."""
+        method = getattr(d.spec, "calibration", "none")
+        if d.output_type != "choice" or method == "none":
+            return ()
+        rows = self.spec.train.calibration_size if method == "batch" else len(CONTENT_FREE_INPUTS)
+        return (replace(self.forward(d, rows), purpose="calibration"),)
 
     def scores(self, d: NodeData) -> bool:
         return d.output_type == "text" or Capability.SCORE in self.capabilities[d.backend]
@@ -169,7 +203,8 @@ def _backward_calls(
         if d.output_type == "text":
             children_targets = sum(sizes.output(sizes.data[c]) for c in graph.successors(d.name))
             p = sizes.prompt(d) + children_targets + META_PROMPT_OVERHEAD_TOKENS
-            calls.append(BatchedCall("generate", "posterior_sampling", d.backend, (d.name,), b * k, b * k * p, b * k * sizes.output(d)))
+            proposer = train.proposer or d.backend
+            calls.append(BatchedCall("generate", "posterior_sampling", proposer, (d.name,), b * k, b * k * p, b * k * sizes.output(d)))
         for child in sorted(graph.successors(d.name)):
             c = sizes.data[child]
             calls.append(sizes.score_targets(c, b * candidates, "child_rescoring", sizes.output(c)))
@@ -177,10 +212,12 @@ def _backward_calls(
         meta = (
             META_PROMPT_OVERHEAD_TOKENS
             + tokens(len(d.spec.prompt))
-            + train.meta_examples * (sizes.prompt(d) + sizes.output(d))
+            + train.meta_examples * (sizes.prompt(d) - sizes.demos(d) + sizes.output(d))  # inputs shown without demos
         )
-        calls.append(BatchedCall("generate", "prompt_proposals", d.backend, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
-        calls.append(sizes.score_targets(d, n * b, "candidate_scoring", sizes.output(d)))
+        if n > 1:
+            proposer = train.proposer or d.backend
+            calls.append(BatchedCall("generate", "prompt_proposals", proposer, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
+        calls.append(sizes.score_targets(d, sizes.candidates(d) * b, "candidate_scoring", sizes.output(d)))
     return calls
 
 
@@ -204,6 +241,30 @@ def _merge(calls) -> tuple[BatchedCall, ...]:
 
 
 _ORDER = {"posterior_sampling": 0, "child_rescoring": 1, "prompt_proposals": 2, "candidate_scoring": 3}
+
+
+def _check_demonstrations(spec: Spec, data: dict[str, NodeData], unit: Unit) -> None:
+    """k demonstrations must exist in the train split (never dev or test)."""
+    assert unit.source is not None and unit.profiles is not None
+    train = unit.profiles.get("train")
+    problems = []
+    for name, d in sorted(data.items()):
+        shown = getattr(d.spec, "demos", None)
+        if shown is None or shown.examples is not None:
+            continue
+        rows = train.rows if train is not None else 0
+        if shown.count > rows:
+            problems.append(unit.source.diagnostic(
+                "E507",
+                f"{shown.count} demonstrations asked, but the train split has {rows} example(s)"
+                if train is not None else f"{shown.count} demonstrations asked, but the spec has no train split",
+                unit.source.value_span(("nodes", name, "demos", "count")),
+                node=name,
+                hint="demonstrations are drawn from train only (never dev or test): lower `demos.count`, "
+                "add train examples under `data.train`, or list fixed `examples:`",
+            ))  # fmt: skip
+    if problems:
+        raise SpecError(problems)
 
 
 def _think(data: dict[str, NodeData], sizes: _Sizes, dev_rows: int) -> tuple[Stage, ...]:
@@ -251,4 +312,7 @@ def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec) -> PlanNode:
         trainable=d.trainable,
         target=d.target,
         span=d.span,
+        demos=d.spec.demos.count if getattr(d.spec, "demos", None) is not None else 0,  # type: ignore[union-attr]
+        calibration=getattr(d.spec, "calibration", "none"),
+        proposer=(spec.train.proposer or d.backend) if d.trainable else "",
     )

@@ -17,12 +17,14 @@ import typing
 from dataclasses import replace
 from typing import Any
 
+import jinja2
 from pydantic import BaseModel, Tag, ValidationError
 
 from dlngraph.errors import Diagnostic, SpecError
-from dlngraph.spec import Spec
+from dlngraph.spec import LayerNode, Spec
 from dlngraph.yamlsource import PathKey, Source
 
+from dlngraph.compiler import templates
 from dlngraph.compiler.ir import NodeKind, Unit
 
 REQUIRES = frozenset({"parsed"})
@@ -50,9 +52,59 @@ def run(unit: Unit) -> Unit:
                 continue
             diagnostics.append(_diagnostic(source, error, path, raw))
         raise SpecError(_dedupe(diagnostics)) from None
+    diagnostics += _check_learning(spec, source)
     if diagnostics:
         raise SpecError(diagnostics)
     return replace(unit, spec=spec)
+
+
+def _check_learning(spec: Spec, source: Source) -> list[Diagnostic]:
+    """What pydantic cannot see of a layer's learnable parts: demonstrations its
+    template does not read (or reads without having them), demonstrations on a
+    node without labels, calibration of a text output, a proposer that is not a backend."""
+    out: list[Diagnostic] = []
+    for name, node in spec.nodes.items():
+        if not isinstance(node, LayerNode):
+            continue
+        try:
+            reads = "demos" in templates.variables(node.template)
+        except jinja2.TemplateSyntaxError:
+            continue  # resolve reports the syntax error
+        if node.demos is not None and not reads:
+            out.append(source.diagnostic(
+                "E209", "the node has `demos:` but its template does not read `{{ demos }}`",
+                source.key_span(("nodes", name, "demos")), node=name,
+                hint="put `{{ demos }}` in the template where the demonstrations go (after the "
+                "instruction, before the input), or remove `demos:`",
+            ))
+        elif reads and node.demos is None:
+            out.append(source.diagnostic(
+                "E209", "the template reads `{{ demos }}` but the node has no `demos:`",
+                templates.variable_span(source, ("nodes", name, "template"), "demos"), node=name,
+                hint="add `demos: {count: 8}` to the node (demonstrations drawn from train), or remove `{{ demos }}`",
+            ))
+        elif node.demos is not None and name not in spec.outputs and node.demos.examples is None:
+            out.append(source.diagnostic(
+                "E209", "demonstrations need labels: the node is not listed in `outputs:`",
+                source.key_span(("nodes", name, "demos")), node=name,
+                hint="give demonstrations to an output node (its target field is the label), "
+                "or list fixed `examples:` under `demos:`",
+            ))
+        if node.calibration != "none" and node.output.type != "choice":
+            out.append(source.diagnostic(
+                "E104", f"calibration `{node.calibration}` applies to choice outputs only",
+                source.value_span(("nodes", name, "calibration")), node=name,
+                hint="calibration divides a label prior out of choice scores; remove it from a text layer",
+            ))
+    proposer = spec.train.proposer
+    if proposer is not None and proposer not in spec.backends:
+        close = difflib.get_close_matches(proposer, sorted(spec.backends), n=1)
+        out.append(source.diagnostic(
+            "E203", f"`train.proposer` names backend '{proposer}', which is not defined",
+            source.value_span(("train", "proposer")),
+            hint=(f"did you mean '{close[0]}'? " if close else "") + f"backends: {', '.join(sorted(spec.backends))}",
+        ))
+    return out
 
 
 def _unknown_node_kinds(source: Source) -> tuple[list[Diagnostic], set[str]]:

@@ -105,6 +105,11 @@ _CODES = (
          "Training changes a layer's `prompt`; if the template never shows it, training "
          "cannot change the layer's behaviour. Put `{{ prompt }}` where the instruction "
          "goes, or mark the layer `trainable: false`."),
+    Code("E209", "demos-mismatch", "A layer's demonstrations and its template do not match.",
+         "Demonstrations (`demos:`) are rendered into the template as `{{ demos }}`: a node "
+         "with `demos:` must read `{{ demos }}`, a template reading `{{ demos }}` needs "
+         "`demos:`, and drawn demonstrations need labels, so the node must be listed under "
+         "`outputs:` (its target field is the label) unless fixed `examples:` are given."),
     Code("E301", "cycle", "The graph has a cycle.",
          "Edges come from template variables: a node that names another node reads its "
          "output. A network must be acyclic; the message prints the cycle path."),
@@ -128,6 +133,10 @@ _CODES = (
          "prompt log-probs are shifted) reads each choice's log-prob from the next-token "
          "distribution, so every choice must be one token of the model. Checked at compile time "
          "when the backend names its `tokenizer`."),
+    Code("E405", "proposer-cannot-generate", "`train.proposer` names a backend that cannot generate text.",
+         "The proposer writes the prompt proposals and the posterior samples of every "
+         "trainable layer, so it needs `generate`. Name a generating backend (a stronger "
+         "model than the task's is the usual choice), or omit `proposer:`."),
     Code("E501", "data-file-missing", "A data file named under `data:` does not exist.",
          "Data paths are relative to the spec file's directory."),
     Code("E502", "data-field-missing", "A field the spec reads is absent from the data.",
@@ -146,6 +155,10 @@ _CODES = (
     Code("E506", "data-file-too-large", "A data file exceeds the size limit.",
          "A split is read whole into memory at run time, so a data file may hold at most "
          "256 MiB. Split the data or sample the examples to train and evaluate on."),
+    Code("E507", "too-few-demonstrations", "More demonstrations are asked than the train split holds.",
+         "A layer's `demos.count` demonstrations are drawn from the train split only (never "
+         "dev or test, which score the network), so train must hold at least that many "
+         "examples. Lower the count, add train examples, or list fixed `examples:`."),
     Code("E601", "meta-prompt-invalid", "A built-in meta-prompt template is broken.",
          "The trainer's meta-prompts (prompt proposals, posterior sampling) are checked at "
          "compile time so a broken one fails before any model call. This is a bug in "

@@ -148,6 +148,11 @@ class ChoiceOutput(_Model):
 OutputSpec = Annotated[TextOutput | ChoiceOutput, Field(discriminator="type")]
 
 
+# The content-free inputs of contextual calibration ("Calibrate Before Use", Zhao et al. 2021);
+# the runtime scores them (runtime/calibration.py), the compiler counts them.
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
+
+
 class LayerDemos(_Model):
     """Demonstrations a layer shows, rendered into its template as `{{ demos }}`.
 

@@ -31,10 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-# The content-free inputs of "Calibrate Before Use" (Zhao et al. 2021).
-CONTENT_FREE: tuple[str, ...] = ("N/A", "", "[MASK]")
-
-METHODS: tuple[str, ...] = ("none", "contextual", "batch")
+from dlngraph.spec import CONTENT_FREE_INPUTS as CONTENT_FREE
 
 
 def content_free_rows(fields: Iterable[str]) -> list[dict[str, str]]:

@@ -58,7 +58,8 @@ def test_dln2_schedule_has_posterior_for_the_hidden_layer() -> None:
     assert purposes["child_rescoring"].requests == train.batch_size * train.posterior_samples * 2
     assert purposes["child_rescoring"].nodes == ("answer",)
     assert purposes["prompt_proposals"].requests == train.prompt_proposals - 1
-    assert purposes["candidate_scoring"].requests == train.prompt_proposals * train.batch_size
+    # candidates: the current prompt, N - 1 proposals and the dev memory (no demos here)
+    assert purposes["candidate_scoring"].requests == (train.prompt_proposals + train.memory) * train.batch_size
     assert "posterior_sampling" not in {c.purpose for c in plan.backward[0].calls}
     assert plan.nodes["reason"].children == ("answer",)
     assert plan.nodes["answer"].parents == ("reason",)
