@@ -85,7 +85,8 @@ class ModelSource:
         return cls(model, directory, f"{directory.resolve()}@{digest}")
 
 
-def _converted_dir(source: ModelSource) -> Path:
+def converted_dir(source: ModelSource) -> Path:
+    """Where the converted weights of `source` live in the user cache (`doctor` reports it)."""
     return cache_root() / "models" / source.identity.replace("/", "_").replace("@", "-")
 
 
@@ -138,7 +139,7 @@ def _convert_embedded(target: Path) -> None:
 def model_directory(source: ModelSource) -> Path:
     if source.directory is not None:
         return source.directory
-    target = _converted_dir(source)
+    target = converted_dir(source)
     if not (target / "config.json").is_file():
         with _progress_bars_only_when_asked():
             _convert_embedded(target)

@@ -124,6 +124,8 @@ class RunDir:
         return run
 
     def _refuse_if_used(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RuntimeFailure(f"{self.path} is not a directory", hint="pass --out a new or empty directory")
         if self.path.exists() and any(p.name != self.lock_file.name for p in self.path.iterdir()):
             raise RuntimeFailure(
                 f"{self.path} already exists and is not empty",

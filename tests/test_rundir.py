@@ -74,6 +74,10 @@ def test_create_refuses_a_used_directory_but_not_its_own_lock_file(run_dir: Path
     plan = compile_spec(SPEC)
     with pytest.raises(RuntimeFailure, match="not empty"):
         RunDir.create(run_dir, plan)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(RuntimeFailure, match="is not a directory"):
+        RunDir.create(a_file, plan)
     only_a_lock = tmp_path / "fresh"
     only_a_lock.mkdir()
     (only_a_lock / ".lock").write_text("")  # left by a create that failed

@@ -106,14 +106,14 @@ def _torch() -> list[Check]:
 
 def _model_and_cache() -> list[Check]:
     from dlngraph.errors import RuntimeFailure
-    from dlngraph.runtime.models import EMBEDDED, ModelSource, _converted_dir, cache_root, embedded_gguf_path
+    from dlngraph.runtime.models import EMBEDDED, ModelSource, cache_root, converted_dir, embedded_gguf_path
 
     root = cache_root()
     checks = []
     try:
         gguf = embedded_gguf_path()
         checks.append(Check("model", "embedded model", f"{gguf} ({_human(_size(gguf))})", "ok"))
-        converted = _converted_dir(ModelSource.resolve(EMBEDDED))
+        converted = converted_dir(ModelSource.resolve(EMBEDDED))
         ready = (converted / "config.json").is_file()
         checks.append(
             Check(
