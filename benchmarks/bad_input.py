@@ -1,9 +1,9 @@
 """Adversarial inputs: each must end with a clear error in under 2 s and 300 MB.
 
-Every case runs as its own subprocess: `dlngraph compile FILE` for specs and
-data, and a `python -c` that renders one template through
-`dlngraph.runtime.template.render` for template bombs (rendering happens at
-run time, after a backend is opened; this isolates the render). The big files
+Every case runs as its own subprocess: `dlngraph compile FILE` for specs,
+data and templates (the compiler renders a template once with placeholder
+values), and a `python -c` that renders one template through
+`dlngraph.runtime.template.render`, the run-time path, for template bombs. The big files
 are generated in a temporary folder. Printed per case, side by side with the
 valid baselines measured in the same run: exit status, wall-clock and CPU
 seconds, peak RSS of that process (`os.wait4`), their ratios to the baseline,
@@ -135,6 +135,10 @@ def cases(tmp: Path) -> dict[str, tuple[str, Callable[[], list[str]]]]:
             "valid spec (baseline)", compile_(lambda: spec_with(tmp, "deep", "name: d\nx: " + "[" * 10_000 + "]" * 10_000))
         ),
         "template attribute escape": ("valid spec (baseline)", compile_(lambda: BAD / "template-attribute-escape.yaml")),
+        "template 'a' * 100000000": ("valid spec (baseline)", compile_(lambda: BAD / "template-too-large.yaml")),
+        "template nested range(100000) loops": (
+            "valid spec (baseline)", compile_(lambda: BAD / "template-loops-forever.yaml")
+        ),
         "data not UTF-8": ("valid spec (baseline)", compile_(lambda: BAD / "data-not-utf8.yaml")),
         f"data is {secret}": ("valid spec (baseline)", compile_(lambda: data_spec(tmp, "secret", secret))),
         "data is a directory": ("valid spec (baseline)", compile_(lambda: BAD / "data-is-a-directory.yaml")),

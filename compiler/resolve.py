@@ -18,6 +18,7 @@ import jinja2
 import networkx as nx
 
 from dlngraph.errors import MAX_SHOWN, Diagnostic, SpecError
+from dlngraph.sandbox import MAX_CHARS, MAX_RENDER_SECONDS
 from dlngraph.spec import DeepThinkingNode, Spec
 from dlngraph.yamlsource import Source
 
@@ -61,7 +62,7 @@ def run(unit: Unit) -> Unit:
             ),
         )
         graph.add_edges_from((parent, name) for parent in read & names)
-    if not any(p.code in ("E201", "E202") for p in problems):  # else the unused input is likely a symptom
+    if not any(p.code in ("E201", "E202", "E209") for p in problems):  # else the unused input is likely a symptom
         problems += _check_unused_inputs(spec, used_inputs, source)
     problems += _check_outputs(spec, source)
     if problems:
@@ -86,6 +87,18 @@ def _read_variables(
         text = getattr(node, slot)
         try:
             found = templates.variables(text)
+        except templates.RenderLimit as exc:
+            problems.append(
+                source.diagnostic(
+                    "E209",
+                    f"template in `{slot}` exceeds a render limit: {exc.message}",
+                    source.value_span(path),
+                    node=name,
+                    hint=f"a template formats one example: it may write at most {MAX_CHARS:,} characters "
+                    f"and run for at most {MAX_RENDER_SECONDS:g} s",
+                )
+            )
+            continue
         except jinja2.TemplateSyntaxError as exc:
             problems.append(
                 source.diagnostic(

@@ -1,8 +1,10 @@
 """Jinja templates as the compiler sees them: parsed in a sandbox, variables found.
 
 Templates are parsed in the one bounded sandbox (`dlngraph.sandbox.ENV`) that
-also renders them, and attribute access the sandbox would refuse at run time
-(`{{ ''.__class__ }}`) is a syntax error here, at compile time. Parsing is
+also renders them. Attribute access the sandbox would refuse at run time
+(`{{ ''.__class__ }}`) is a syntax error here, at compile time, and a template
+that exceeds a render bound with one-character placeholder values (it would
+with any data) is a `RenderLimit`. Parsing is
 cached by template text, so a spec whose nodes share a template
 (or a large generated spec) parses each distinct text once. Positions of
 problems are mapped back to the spec file here, because where a template line
@@ -14,10 +16,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+import jinja2
 from jinja2 import meta
 
 from dlngraph.errors import Span
-from dlngraph.sandbox import ENV, unsafe_attribute
+from dlngraph.sandbox import ENV, trial, unsafe_attribute
 from dlngraph.yamlsource import PathKey, Source
 
 
@@ -34,10 +37,15 @@ _JINJA_WORDS = frozenset(
 )
 
 
+class RenderLimit(jinja2.TemplateSyntaxError):
+    """Rendered with placeholder values, the template already exceeds a bound of the sandbox."""
+
+
 @lru_cache(maxsize=1 << 16)
 def variables(text: str) -> frozenset[str]:
     """The undeclared variables of a template; raises `jinja2.TemplateSyntaxError`
-    (an `UnsafeAttribute` for attribute access the sandbox refuses)."""
+    (an `UnsafeAttribute` for attribute access the sandbox refuses, a
+    `RenderLimit` for a template that exceeds a render bound)."""
     if _SIMPLE.fullmatch(text):
         found = frozenset(_TAG.findall(text))
         if not found & _JINJA_WORDS:
@@ -51,7 +59,11 @@ def parsed_variables(text: str) -> frozenset[str]:
     unsafe = unsafe_attribute(ast)
     if unsafe is not None:
         raise unsafe
-    return frozenset(meta.find_undeclared_variables(ast))
+    found = frozenset(meta.find_undeclared_variables(ast))
+    exceeded = trial(text, found)
+    if exceeded is not None:
+        raise RenderLimit(f"rendered with one-character values, {exceeded}", 1)
+    return found
 
 
 def error_span(source: Source, path: PathKey, template_line: int) -> Span:

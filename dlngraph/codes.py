@@ -110,6 +110,12 @@ _CODES = (
          "with `demos:` must read `{{ demos }}`, a template reading `{{ demos }}` needs "
          "`demos:`, and drawn demonstrations need labels, so the node must be listed under "
          "`outputs:` (its target field is the label) unless fixed `examples:` are given."),
+    Code("E209", "template-limit", "A template exceeds a render limit even with placeholder data.",
+         "Templates render in a bounded sandbox: a value or the rendered text may hold at most "
+         "1,048,576 characters, and a render may run for at most 1 s. The compiler renders each "
+         "template once with one-character placeholder values; if that already passes a limit "
+         "(`{{ 'a' * 100000000 }}`, nested `range(100000)` loops, a macro calling itself), every "
+         "real example would too. Limits that only real data reaches are run-time errors naming the node."),
     Code("E301", "cycle", "The graph has a cycle.",
          "Edges come from template variables: a node that names another node reads its "
          "output. A network must be acyclic; the message prints the cycle path."),

@@ -18,8 +18,9 @@ with `_`, no unsafe callables) a render is bounded:
 
 The bounds are added by rewriting the parsed template (`BoundedSandbox._parse`):
 loop iterables, written values, `~` and literals go through filters that check
-them. `unsafe_attribute(ast)` finds, at compile time, attribute access the
-sandbox would refuse at run time (`{{ ''.__class__ }}`).
+them. At compile time, `unsafe_attribute(ast)` finds attribute access the sandbox
+would refuse at run time (`{{ ''.__class__ }}`), and `trial` renders a template
+with placeholder values to find one that exceeds a bound whatever the data.
 """
 
 from __future__ import annotations
@@ -312,6 +313,23 @@ def render(text: str, variables: Mapping[str, Any]) -> str:
         raise jinja2.TemplateRuntimeError(f"{type(exc).__name__}: {exc}") from None
     finally:
         _BUDGET.reset(token)
+
+
+@lru_cache(maxsize=1024)
+def trial(text: str, names: frozenset[str]) -> str | None:
+    """Why `text` exceeds a bound when every variable in `names` is one character, if it does.
+
+    Such a template exceeds it whatever the data (`{{ 'a' * 100000000 }}`, nested
+    `range(100000)` loops), so the compiler reports it. Other failures depend on
+    the data (`{{ 1 / (input | length - 1) }}`) and are left to the runtime.
+    """
+    try:
+        render(text, dict.fromkeys(names, "x"))
+    except LimitExceeded as exc:
+        return str(exc)
+    except jinja2.TemplateError:
+        return None
+    return None
 
 
 def unsafe_attribute(template: nodes.Node) -> UnsafeAttribute | None:

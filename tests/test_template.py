@@ -108,6 +108,18 @@ def test_the_compiler_refuses_attribute_escapes_the_sandbox_would_stop() -> None
     assert variables("{{ input.upper() }} {{ input['field'] }}") == {"input"}
 
 
+def test_the_compiler_refuses_templates_that_exceed_a_bound_whatever_the_data() -> None:
+    from dlngraph.compiler.templates import RenderLimit, variables
+
+    with pytest.raises(RenderLimit, match="a repeated value would be 100,000,000"):
+        variables("{{ input }} {{ 'a' * 100000000 }}")
+    with pytest.raises(RenderLimit, match="recurses too deeply"):
+        variables("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(input) }}")
+    # failures that depend on the data are the runtime's to report, with the example
+    assert variables("{{ 1 / (input | length - 1) }}") == {"input"}
+    assert variables("{{ 'a' * ((input | length - 1) * 100000000) }}") == {"input"}
+
+
 def test_meta_prompts_and_node_templates_share_one_cached_environment() -> None:
     from dlngraph import sandbox
     from dlngraph.compiler import templates
