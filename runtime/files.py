@@ -8,7 +8,7 @@ line by line go through `append_jsonl`, which fsyncs each append.
 
 `check_output` guards a path the user names (`--out`, `-o`): it refuses the
 spec and its data files, anything that is not a regular file (a directory,
-/dev/full, a fifo: an atomic rename would replace the device node itself) and,
+/dev/full, a pipe: an atomic rename would replace the device node itself) and,
 unless `force`, an existing file. A write that fails (full disk, no
 permission) is a `RuntimeFailure` naming the path, never a traceback.
 """
@@ -26,24 +26,13 @@ from typing import Any
 import yaml
 
 from dlngraph.errors import RuntimeFailure
+from dlngraph.yamlsource import file_kind
 
 
 class OutputRefused(RuntimeFailure):
     """An output path that must not be written: a usage error (exit 2)."""
 
     exit_code = 2
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISFIFO(mode):
-        return "a fifo"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
 
 
 def check_output(path: str | Path, *, protected: Mapping[str, str | Path] | None = None, force: bool = False) -> Path:
@@ -72,7 +61,7 @@ def check_output(path: str | Path, *, protected: Mapping[str, str | Path] | None
             )
     if not stat.S_ISREG(info.st_mode):
         raise OutputRefused(
-            f"refusing to write {path}: it is {_kind(info.st_mode)}",
+            f"refusing to write {path}: it is {file_kind(info.st_mode)}",
             hint="name a regular file to write (an atomic write would replace the node itself)",
         )
     if not force:

@@ -220,21 +220,13 @@ def test_stats_names_a_damaged_file_and_clear_removes_it(cache_dir: Path) -> Non
 
 
 def test_cache_commands_on_a_damaged_file(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dlngraph.cli import main
-
-    def cli(*args: str) -> tuple[int, str, str]:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        return (code, *capsys.readouterr())
+    from cli_runner import invoke
 
     cache_dir.mkdir()
     path = cache_dir / "cache.sqlite"
     path.write_bytes(b"\0junk" * 1000)
-    code, out, err = cli("cache", "stats", "--cache", str(cache_dir))
+    code, out, err = invoke(capsys, "cache", "stats", "--cache", str(cache_dir))
     assert code == 1 and str(path) in err and "dlngraph cache clear" in err and "Traceback" not in err
-    code, out, err = cli("cache", "clear", "--cache", str(cache_dir))
+    code, out, err = invoke(capsys, "cache", "clear", "--cache", str(cache_dir))
     assert code == 0 and out.startswith(f"removed damaged cache file {path}") and err == ""
-    assert cli("cache", "stats", "--cache", str(cache_dir))[:2] == (0, f"{path}: 0 entries, 0.0 MB\n")
+    assert invoke(capsys, "cache", "stats", "--cache", str(cache_dir))[:2] == (0, f"{path}: 0 entries, 0.0 MB\n")

@@ -7,28 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from dlngraph.cli import main
 from dlngraph.codes import CODES, lookup, markdown
 from dlngraph.errors import SpecError
 from dlngraph.compiler.pipeline import compile_unit
+
+from cli_runner import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 
 
-def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
 def test_compile_prints_a_summary_of_every_example(spec: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _cli(capsys, "compile", str(spec))
+    code, out, err = invoke(capsys, "compile", str(spec))
     assert (code, err) == (0, "")
     assert out.startswith("plan ")
     for section in ("nodes (", "forward (", "backward per iteration", "per iteration:", "fit ("):
@@ -37,27 +28,27 @@ def test_compile_prints_a_summary_of_every_example(spec: Path, capsys: pytest.Ca
 
 def test_compile_formats_and_output_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = str(ROOT / "specs/dln2-subj.yaml")
-    code, out, _ = _cli(capsys, "compile", spec, "--format", "json")
+    code, out, _ = invoke(capsys, "compile", spec, "--format", "json")
     assert code == 0
     plan = json.loads(out)
     assert [s["nodes"] for s in plan["forward"]] == [["reason"], ["answer"]]
     assert plan["estimate"]["fit"]["requests"] > 0
-    code, out, _ = _cli(capsys, "compile", spec, "-f", "dot")
+    code, out, _ = invoke(capsys, "compile", spec, "-f", "dot")
     assert out.startswith('digraph "dln2-subj"') and '"reason" -> "answer";' in out
-    code, out, _ = _cli(capsys, "compile", spec, "-f", "mermaid")
+    code, out, _ = invoke(capsys, "compile", spec, "-f", "mermaid")
     assert out.startswith("flowchart LR") and "n_reason --> n_answer" in out
     target = tmp_path / "plan.json"
-    code, out, _ = _cli(capsys, "compile", spec, "-f", "json", "-o", str(target))
+    code, out, _ = invoke(capsys, "compile", spec, "-f", "json", "-o", str(target))
     assert (code, out) == (0, "")
     assert json.loads(target.read_text()) == plan
 
 
 def test_unwritable_output_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = _cli(capsys, "compile", str(SPECS[0]), "-o", str(tmp_path / "new-dir" / "plan.txt"))
+    code, out, _ = invoke(capsys, "compile", str(SPECS[0]), "-o", str(tmp_path / "new-dir" / "plan.txt"))
     assert (code, out) == (0, "") and (tmp_path / "new-dir" / "plan.txt").is_file()  # a missing folder is made
     not_a_folder = tmp_path / "file.txt"
     not_a_folder.write_text("x")
-    code, out, err = _cli(capsys, "compile", str(SPECS[0]), "-o", str(not_a_folder / "plan.txt"))
+    code, out, err = invoke(capsys, "compile", str(SPECS[0]), "-o", str(not_a_folder / "plan.txt"))
     assert code != 0 and out == ""
     assert err.startswith(f"error: cannot write {not_a_folder / 'plan.txt'}") and "Traceback" not in err
 
@@ -68,7 +59,7 @@ def test_load_plan_reads_a_saved_plan_and_refuses_a_stale_one(tmp_path: Path, ca
     spec = tmp_path / "spec.yaml"
     spec.write_bytes((ROOT / "specs/wide-dag.yaml").read_bytes().replace(b"data/", str(ROOT / "specs/data").encode() + b"/"))
     saved = tmp_path / "plan.json"
-    assert _cli(capsys, "compile", str(spec), "-f", "json", "-o", str(saved))[0] == 0
+    assert invoke(capsys, "compile", str(spec), "-f", "json", "-o", str(saved))[0] == 0
     assert load_plan(saved).to_json() == saved.read_text()
     spec.write_text(spec.read_text().replace("iterations: 3", "iterations: 5"))
     with pytest.raises(DlngraphError, match="stale"):
@@ -76,7 +67,7 @@ def test_load_plan_reads_a_saved_plan_and_refuses_a_stale_one(tmp_path: Path, ca
 
 
 def test_schema_is_the_spec_json_schema(capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = _cli(capsys, "schema")
+    code, out, _ = invoke(capsys, "schema")
     schema = json.loads(out)
     assert code == 0
     assert {"name", "inputs", "nodes", "outputs", "train"} <= set(schema["properties"])
@@ -84,13 +75,13 @@ def test_schema_is_the_spec_json_schema(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_explain_by_code_and_name(capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = _cli(capsys, "explain", "e301")
+    code, out, _ = invoke(capsys, "explain", "e301")
     assert code == 0 and out.startswith("E301 (cycle):")
-    code, out, _ = _cli(capsys, "explain", "unknown-key")
+    code, out, _ = invoke(capsys, "explain", "unknown-key")
     assert code == 0 and out.startswith("E101 (unknown-key):")
-    code, out, _ = _cli(capsys, "explain", "--all")
+    code, out, _ = invoke(capsys, "explain", "--all")
     assert len(out.strip().splitlines()) == len(CODES)
-    code, _, err = _cli(capsys, "explain", "E999")
+    code, _, err = invoke(capsys, "explain", "E999")
     assert code == 1 and "unknown code" in err
 
 

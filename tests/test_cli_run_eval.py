@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dlngraph.cli import main
 from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.spec import Spec
+
+from cli_runner import invoke
 
 pytestmark = pytest.mark.model
 
@@ -62,25 +62,12 @@ def plan_without_compiler(monkeypatch: pytest.MonkeyPatch, build_plan: Callable)
     monkeypatch.setattr(dlngraph.runner, "compile_plan", compile_plan)
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    # The CLI configures logging once per process; let it bind to this test's stderr.
-    for handler in logging.root.handlers[:]:
-        logging.root.removeHandler(handler)
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_eval_twice_second_makes_no_model_call(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dlngraph.runner import evaluate
 
     spec = write_spec(tmp_path)
     preds = tmp_path / "preds.jsonl"
-    code, out, err = cli(capsys, "eval", spec, "--split", "dev", "--out", preds, "--cache", cache_dir)
+    code, out, err = invoke(capsys, "eval", spec, "--split", "dev", "--out", preds, "--cache", cache_dir)
     assert code == 0, err
     assert "accuracy on dev: 1.0000 (4/4)" in out
     assert "model calls: 1," in out
@@ -89,10 +76,16 @@ def test_eval_twice_second_makes_no_model_call(tmp_path: Path, cache_dir: Path, 
     assert [(r["input"], r["target"], r["prediction"], r["correct"]) for r in rows] == [
         (d["input"], d["target"], d["target"], True) for d in DEV
     ]
-    code, out, err = cli(capsys, "eval", spec, "--out", tmp_path / "again.jsonl", "--cache", cache_dir)
+    code, out, err = invoke(capsys, "eval", spec, "--out", tmp_path / "again.jsonl", "--cache", cache_dir)
     assert code == 0, err
     assert "model calls: 0, cache hits: 8" in out
     assert (tmp_path / "again.jsonl").read_text() == preds.read_text()
+    # An existing predictions file is replaced only with --force.
+    preds.write_text("stale\n")
+    code, out, err = invoke(capsys, "eval", spec, "--out", preds, "--cache", cache_dir)
+    assert code == 2 and "already exists" in err and preds.read_text() == "stale\n"
+    assert invoke(capsys, "eval", spec, "--out", preds, "--cache", cache_dir, "--force")[0] == 0
+    assert preds.read_text() == (tmp_path / "again.jsonl").read_text()
     assert evaluate(spec, "dev", cache_dir=cache_dir).model_calls == 0
 
 
@@ -103,7 +96,7 @@ def test_checkpoint_prompts_are_applied(tmp_path: Path, cache_dir: Path, capsys:
     learned = "Tell whether this review is happy (positive) or unhappy (negative)."
     checkpoint = tmp_path / "best.yaml"
     checkpoint.write_text(yaml.safe_dump({"prompts": {"sentiment": learned}, "iteration": 3}))
-    code, out, err = cli(capsys, "eval", spec, "--checkpoint", checkpoint, "--cache", cache_dir, "--limit", "2")
+    code, out, err = invoke(capsys, "eval", spec, "--checkpoint", checkpoint, "--cache", cache_dir, "--limit", "2")
     assert code == 0, err
     assert "model calls: 1," in out and "/2)" in out
     # The checkpoint run asked exactly what the learned prompt asks, not what the spec's prompt asks.
@@ -113,24 +106,24 @@ def test_checkpoint_prompts_are_applied(tmp_path: Path, cache_dir: Path, capsys:
 
 def test_run_prints_every_node_output(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path)
-    code, out, err = cli(capsys, "run", spec, "--input", json.dumps({"input": POSITIVE[0]}), "--cache", cache_dir)
+    code, out, err = invoke(capsys, "run", spec, "--input", json.dumps({"input": POSITIVE[0]}), "--cache", cache_dir)
     assert code == 0, err
     assert out.splitlines() == ["example 1", "  sentiment: positive"]
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("\n".join(json.dumps({"input": x}) for x in NEGATIVE) + "\n")
-    code, out, err = cli(capsys, "run", spec, "--input-file", inputs, "--json", "--no-cache")
+    code, out, err = invoke(capsys, "run", spec, "--input-file", inputs, "--json", "--no-cache")
     assert code == 0, err
     assert [json.loads(line)["outputs"] for line in out.splitlines()] == [{"sentiment": "negative"}] * 2
 
 
 def test_cache_stats_and_clear(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path)
-    cli(capsys, "run", spec, "--input", json.dumps({"input": "Fine."}), "--cache", cache_dir)
-    code, out, _ = cli(capsys, "cache", "stats", "--cache", cache_dir)
+    invoke(capsys, "run", spec, "--input", json.dumps({"input": "Fine."}), "--cache", cache_dir)
+    code, out, _ = invoke(capsys, "cache", "stats", "--cache", cache_dir)
     assert code == 0 and ": 2 entries" in out and "torch score" in out
-    code, out, _ = cli(capsys, "cache", "clear", "--cache", cache_dir)
+    code, out, _ = invoke(capsys, "cache", "clear", "--cache", cache_dir)
     assert code == 0 and out.startswith("removed 2 entries")
-    assert ": 0 entries" in cli(capsys, "cache", "stats", "--cache", cache_dir)[1]
+    assert ": 0 entries" in invoke(capsys, "cache", "stats", "--cache", cache_dir)[1]
 
 
 def assert_clean_failure(result: tuple[int, str, str], *needles: str) -> None:
@@ -145,35 +138,35 @@ def test_bad_input_is_a_clear_error_without_traceback(
     tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = write_spec(tmp_path / "missing", backend={"kind": "torch", "model": str(tmp_path / "no-model")})
-    assert_clean_failure(cli(capsys, "eval", missing, "--cache", cache_dir), "no-model", "no config.json")
+    assert_clean_failure(invoke(capsys, "eval", missing, "--cache", cache_dir), "no-model", "no config.json")
 
     not_lm = tmp_path / "not-lm"
     not_lm.mkdir()
     (not_lm / "config.json").write_text(json.dumps({"model_type": "t5"}))
     spec = write_spec(tmp_path / "notlm", backend={"kind": "torch", "model": str(not_lm)})
     assert_clean_failure(
-        cli(capsys, "eval", spec, "--cache", cache_dir), "node 'sentiment'", "'t5' model, not a causal language model"
+        invoke(capsys, "eval", spec, "--cache", cache_dir), "node 'sentiment'", "'t5' model, not a causal language model"
     )
 
     spec = write_spec(tmp_path / "long")
     long_input = json.dumps({"input": "word " * 9000})
-    assert_clean_failure(cli(capsys, "run", spec, "--input", long_input, "--no-cache"), "node 'sentiment'", "context")
+    assert_clean_failure(invoke(capsys, "run", spec, "--input", long_input, "--no-cache"), "node 'sentiment'", "context")
 
     # The compiler checks the spec's data files; the runtime checks what it reads itself.
     bad_json = write_spec(tmp_path / "badjson", dev_lines=[json.dumps(DEV[0]), "{not json"])
-    assert_clean_failure(cli(capsys, "eval", bad_json, "--cache", cache_dir), "dev.jsonl:2")
+    assert_clean_failure(invoke(capsys, "eval", bad_json, "--cache", cache_dir), "dev.jsonl:2")
     no_target = write_spec(tmp_path / "nofield", dev_lines=[json.dumps(DEV[0]), json.dumps({"input": "x"})])
-    assert_clean_failure(cli(capsys, "eval", no_target, "--cache", cache_dir), "dev.jsonl", "target")
+    assert_clean_failure(invoke(capsys, "eval", no_target, "--cache", cache_dir), "dev.jsonl", "target")
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text('{"input": "fine"}\n\n{"input": "ok"\n')
-    assert_clean_failure(cli(capsys, "run", spec, "--input-file", inputs), "inputs.jsonl:3", "not valid JSON")
+    assert_clean_failure(invoke(capsys, "run", spec, "--input-file", inputs), "inputs.jsonl:3", "not valid JSON")
     inputs.write_text('{"input": "fine"}\n{"text": "ok"}\n')
-    assert_clean_failure(cli(capsys, "run", spec, "--input-file", inputs), "inputs.jsonl:2", "missing field 'input'")
+    assert_clean_failure(invoke(capsys, "run", spec, "--input-file", inputs), "inputs.jsonl:2", "missing field 'input'")
 
-    assert_clean_failure(cli(capsys, "run", spec, "--input", '{"text": "x"}'), "--input #1", "missing field 'input'")
+    assert_clean_failure(invoke(capsys, "run", spec, "--input", '{"text": "x"}'), "--input #1", "missing field 'input'")
 
     checkpoint = tmp_path / "bad.yaml"
     checkpoint.write_text(yaml.safe_dump({"prompts": {"nosuchnode": "x"}}))
-    assert_clean_failure(cli(capsys, "eval", spec, "--checkpoint", checkpoint), "unknown node(s) nosuchnode")
+    assert_clean_failure(invoke(capsys, "eval", spec, "--checkpoint", checkpoint), "unknown node(s) nosuchnode")
     checkpoint.write_text("just a string\n")
-    assert_clean_failure(cli(capsys, "eval", spec, "--checkpoint", checkpoint), "no `prompts:` mapping")
+    assert_clean_failure(invoke(capsys, "eval", spec, "--checkpoint", checkpoint), "no `prompts:` mapping")

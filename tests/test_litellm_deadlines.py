@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlngraph.cli import main
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import GenerateRequest, PartialBatch, ScoreRequest
 from dlngraph.runtime.backends.litellm_backend import LiteLLMBackend, import_litellm
 from dlngraph.runtime.cache import Cache, CachedBackend
 from dlngraph.spec import LiteLLMBackendSpec
 
+from cli_runner import invoke
 from fake_openai import FakeOpenAI
 
 KEY_ENV = "DLNGRAPH_TEST_DEADLINE_KEY"
@@ -94,15 +94,10 @@ def write_spec(directory: Path, api_base: str, *, text_layer: bool = False, time
 
 
 def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str, float]:
+    """`invoke`, and the seconds it took."""
     started = time.monotonic()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    seconds = time.monotonic() - started
-    out, err = capsys.readouterr()
-    return code, out, err, seconds
+    code, out, err = invoke(capsys, *args)
+    return code, out, err, time.monotonic() - started
 
 
 # --------------------------------------------------------------------------- compile
@@ -126,19 +121,14 @@ def test_compile_is_offline_and_the_same_with_or_without_the_key(
 
 
 def test_probe_ends_within_its_one_deadline(
-    silent: SilentServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    silent: SilentServer, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import_litellm()  # its import time is not the probe's
     monkeypatch.setenv(KEY_ENV, "sk-present")
     spec = write_spec(tmp_path, silent.api_base)
-    with caplog.at_level("WARNING"):
-        code, out, err, seconds = cli(capsys, "compile", str(spec), "--probe", "--probe-timeout", "1.5")
+    code, out, err, seconds = cli(capsys, "compile", str(spec), "--probe", "--probe-timeout", "1.5")
     assert code == 0 and out.startswith("plan ") and "Traceback" not in err
-    assert "backend api: could not probe its endpoint" in caplog.text and "deadline" in caplog.text
+    assert "backend api: could not probe its endpoint" in err and "deadline" in err
     assert len(silent.connections) >= 1  # it did ask
     assert seconds < 1.5 + 1.5, f"probing took {seconds:.1f} s for a 1.5 s deadline"
 

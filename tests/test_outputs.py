@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlngraph.cli import main
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.files import OutputRefused, append_jsonl, check_output, read_jsonl, write_atomic, write_jsonl
+
+from cli_runner import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,16 +49,6 @@ def spec(tmp_path: Path) -> Path:
     return path
 
 
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def snapshot(*paths: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in paths}
 
@@ -79,7 +70,7 @@ def test_guard_refuses_inputs_under_any_name_even_with_force(spec: Path, tmp_pat
 def test_guard_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    for path, kind in ((Path("/dev/full"), "a device"), (tmp_path, "a directory"), (fifo, "a fifo")):
+    for path, kind in ((Path("/dev/full"), "a device"), (tmp_path, "a directory"), (fifo, "a pipe")):
         with pytest.raises(OutputRefused, match=kind):
             check_output(path, force=True)
 
@@ -147,7 +138,7 @@ def test_a_full_disk_is_a_clear_error_with_the_old_file_intact(spec: Path, tmp_p
 def test_compile_output_refuses_the_spec_its_data_and_devices(spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     before = snapshot(spec, tmp_path / "data" / "dev.jsonl")
     for target in (spec, tmp_path / "data" / "dev.jsonl", Path("/dev/full"), tmp_path / "data"):
-        code, out, err = cli(capsys, "compile", str(spec), "-o", str(target), "--force")
+        code, out, err = invoke(capsys, "compile", str(spec), "-o", str(target), "--force")
         assert code == 2 and out == "", err
         assert err.startswith("error: refusing to write") and "Traceback" not in err
     assert snapshot(*before) == before
@@ -157,9 +148,9 @@ def test_compile_output_refuses_the_spec_its_data_and_devices(spec: Path, tmp_pa
 def test_compile_output_replaces_an_existing_file_only_with_force(spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "plan.json"
     out.write_text("mine\n")
-    code, _, err = cli(capsys, "compile", str(spec), "-f", "json", "-o", str(out))
+    code, _, err = invoke(capsys, "compile", str(spec), "-f", "json", "-o", str(out))
     assert code == 2 and "already exists" in err and out.read_text() == "mine\n"
-    assert cli(capsys, "compile", str(spec), "-f", "json", "-o", str(out), "--force")[0] == 0
+    assert invoke(capsys, "compile", str(spec), "-f", "json", "-o", str(out), "--force")[0] == 0
     assert json.loads(out.read_text())["name"] == "guarded"
 
 
@@ -182,7 +173,7 @@ def test_eval_out_is_checked_before_any_model_call(
              (existing, None)]
     for target, force in cases:
         args = ["eval", str(spec), "--checkpoint", str(checkpoint), "--out", str(target)] + ([force] if force else [])
-        code, out, err = cli(capsys, *args)
+        code, out, err = invoke(capsys, *args)
         assert code == 2 and out == "" and "Traceback" not in err, err
     assert snapshot(*before) == before and existing.read_text() == "earlier predictions\n"
 
@@ -192,13 +183,13 @@ def test_export_refuses_to_write_over_its_inputs(spec: Path, tmp_path: Path, cap
     checkpoint.write_text("prompts: {answer: Say positive.}\n")
     before = snapshot(spec, checkpoint)
     for target in (spec, checkpoint):
-        code, _, err = cli(capsys, "export", str(spec), "--checkpoint", str(checkpoint), "-o", str(target), "--force")
+        code, _, err = invoke(capsys, "export", str(spec), "--checkpoint", str(checkpoint), "-o", str(target), "--force")
         assert code == 2 and "refusing to write" in err
     assert snapshot(*before) == before
     fitted = tmp_path / "fitted.yaml"
-    assert cli(capsys, "export", str(spec), "--checkpoint", str(checkpoint), "-o", str(fitted))[0] == 0
+    assert invoke(capsys, "export", str(spec), "--checkpoint", str(checkpoint), "-o", str(fitted))[0] == 0
     assert yaml.safe_load(fitted.read_text())["nodes"]["answer"]["prompt"] == "Say positive."
-    code, _, err = cli(capsys, "export", str(spec), "--checkpoint", str(checkpoint), "-o", str(fitted))
+    code, _, err = invoke(capsys, "export", str(spec), "--checkpoint", str(checkpoint), "-o", str(fitted))
     assert code == 2 and "already exists" in err
 
 
@@ -211,16 +202,16 @@ def test_report_out_never_replaces_the_runs_own_files(spec: Path, tmp_path: Path
         written.append(written.metrics, [{"iteration": 0, "dev_acc": 0.5}])
     before = snapshot(run / "plan.json", run / "metrics.jsonl")
     for target in (run / "metrics.jsonl", run / "plan.json"):
-        code, _, err = cli(capsys, "report", str(run), "-o", str(target), "--force")
+        code, _, err = invoke(capsys, "report", str(run), "-o", str(target), "--force")
         assert code == 2 and "refusing to write" in err
     assert snapshot(*before) == before
-    assert cli(capsys, "report", str(run))[0] == 0 and cli(capsys, "report", str(run))[0] == 0  # its own default
+    assert invoke(capsys, "report", str(run))[0] == 0 and invoke(capsys, "report", str(run))[0] == 0  # its own default
     page = tmp_path / "page.html"
-    assert cli(capsys, "report", str(run), "-o", str(page))[0] == 0
-    assert cli(capsys, "report", str(run), "-o", str(page))[0] == 2
+    assert invoke(capsys, "report", str(run), "-o", str(page))[0] == 0
+    assert invoke(capsys, "report", str(run), "-o", str(page))[0] == 2
 
 
 def test_init_force_never_replaces_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "net" / "spec.yaml").mkdir(parents=True)
-    code, _, err = cli(capsys, "init", str(tmp_path / "net"), "--force")
+    code, _, err = invoke(capsys, "init", str(tmp_path / "net"), "--force")
     assert code == 2 and "is a directory" in err and "Traceback" not in err
