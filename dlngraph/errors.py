@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 MAX_SHOWN = 20  # diagnostics printed in full or concise form; the rest are counted
+MAX_COLLECTED = 1_000  # diagnostics a pass builds; past that it only counts them (`SpecError.omitted`)
 MAX_MESSAGE_CHARS = 400  # of a message, which may quote a key or value of any length
 SOURCE_WINDOW = 120  # characters of an echoed source line, around the caret
 
@@ -114,26 +115,31 @@ class DlngraphError(Exception):
 
 
 class SpecError(DlngraphError):
-    """The spec is wrong; holds every diagnostic found, sorted by position."""
+    """The spec is wrong; holds the diagnostics found, sorted by position.
+
+    A pass that finds more than MAX_COLLECTED mistakes builds diagnostics for
+    the first ones only and counts the rest in `omitted`.
+    """
 
     exit_code = 2
 
-    def __init__(self, diagnostics: list[Diagnostic] | Diagnostic):
+    def __init__(self, diagnostics: list[Diagnostic] | Diagnostic, *, omitted: int = 0):
         if isinstance(diagnostics, Diagnostic):
             diagnostics = [diagnostics]
         self.diagnostics = sorted(
             diagnostics, key=lambda d: (d.file, d.span.line, d.span.col, d.code, d.message)
         )
+        self.omitted = omitted
         super().__init__(self.render())
 
     def render(self, fmt: str = "full") -> str:
-        """All diagnostics as JSON (each of bounded size), or the first MAX_SHOWN as text."""
+        """The diagnostics as JSON (each of bounded size), or the first MAX_SHOWN as text."""
         if fmt == "json":
             return json.dumps([d.to_dict() for d in self.diagnostics], indent=2, sort_keys=True)
         shown = self.diagnostics[:MAX_SHOWN]
         gap = "\n" if fmt == "concise" else "\n\n"
         text = gap.join(d.concise() if fmt == "concise" else d.render() for d in shown)
-        rest = len(self.diagnostics) - len(shown)
+        rest = len(self.diagnostics) - len(shown) + self.omitted
         if rest:
             text += f"{gap}... and {rest:,} more error{'s' * (rest > 1)} not shown; fix these and compile again"
         return text

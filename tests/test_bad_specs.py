@@ -18,7 +18,7 @@ import yaml
 
 from dlngraph.cli import main
 from dlngraph.codes import CODES
-from dlngraph.errors import MAX_SHOWN, SOURCE_WINDOW, SpecError
+from dlngraph.errors import MAX_COLLECTED, MAX_SHOWN, SOURCE_WINDOW, SpecError
 from dlngraph.yamlsource import MAX_DEPTH, MAX_SPEC_BYTES, MAX_VALUES
 
 BAD = Path(__file__).resolve().parent / "specs" / "bad"
@@ -161,7 +161,18 @@ def test_a_one_line_spec_with_thousands_of_mistakes_prints_the_first_few(
     code, _, concise = _run(capsys, "--error-format", "concise", str(spec))
     assert len(concise.splitlines()) == MAX_SHOWN + 1
     code, _, as_json = _run(capsys, "--error-format", "json", str(spec))
-    assert len(json.loads(as_json)) == 2000  # tools get every diagnostic, without source lines
+    # tools get the diagnostics a pass builds, without source lines; validation builds the first MAX_COLLECTED
+    assert len(json.loads(as_json)) == (MAX_COLLECTED if mistake == "unknown-key" else 2000)
+
+
+def test_a_flood_of_unknown_keys_is_counted_not_built(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "keys.yaml"
+    spec.write_text("name: k\n" + "".join(f"k{i}: 1\n" for i in range(100_000)))
+    code, _, err = _run(capsys, str(spec))
+    assert code == 2
+    _assert_bounded(err, MAX_SHOWN)
+    # 100,000 unknown keys and 3 missing ones, of which MAX_SHOWN are shown
+    assert err.rstrip().endswith(f"... and {100_003 - MAX_SHOWN:,} more errors not shown; fix these and compile again")
 
 
 def test_a_long_message_is_clipped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -80,7 +80,7 @@ class _Reported(SpecError):
 
     def __init__(self, error: SpecError, fmt: str):
         self.fmt = fmt
-        super().__init__(error.diagnostics)
+        super().__init__(error.diagnostics, omitted=error.omitted)
 
     def render(self, fmt: str = "full") -> str:
         return super().render(self.fmt)
