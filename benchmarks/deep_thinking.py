@@ -1,15 +1,26 @@
-"""Deep-Thinking vs in-context learning on MPQA and SUBJ, side by side in one run.
+"""Deep-Thinking vs in-context learning, side by side in one run.
 
-Accuracy (test subset, several seeds of demonstration choice, same
-demonstrations for every method of a seed):
-  zero-shot         the query alone
-  icl               demonstrations + query (the state after one pass: identical)
-  repeat-T          the demonstrations written T times, then the query
-                    (T = the Deep-Thinking T of that seed)
-  deep-thinking     the state after T passes, T selected on dev (never test)
+Tasks: mpqa and subj (specs/data), navigate and hyperbaton (BIG-Bench-Hard,
+benchmarks/data). For every task, seed of the demonstration draw and eta, ONE
+thinking run of T = 1..max-steps passes; after each pass the state scores the
+dev subset (selecting T, never on test) with raw and with contextually
+calibrated choice scores (the label prior re-estimated from that state, as
+`calibration: contextual` does on the node). Printed per task and eta:
 
-Cost (seed 0, one query at a time; latencies interleaved query by query in one
-process, peak memory measured for each method in its own fresh process):
+  icl               the state after one pass (plain in-context learning)
+  repeat-T          the demonstrations written T times (T = the selected T),
+                    skipped with the reason when T x L does not fit the context
+  deep-thinking     the state after the T selected on dev
+  McNemar           exact two-sided test of deep-thinking vs icl on the test
+                    predictions of all seeds pooled (b: only DT right, c: only ICL right)
+  |dK|/|K| |dV|/|V| the relative size of each pass's update (mean over seeds)
+  margin            mean |log p(top) - log p(second)| of the choices on test
+
+The ICL columns do not depend on eta; they are scored once per seed.
+
+Cost (unless --no-cost; seed 0, one query at a time; latencies interleaved
+query by query in one process, peak memory measured for each method in its
+own fresh process):
   icl-reread        every query re-reads the demonstrations (no cache)
   icl-cached        the demonstrations' K/V computed once, reused per query
   deep-thinking     the learned state loaded from its safetensors file
@@ -18,89 +29,243 @@ or of torch's peak CUDA allocation, over the loaded model. The one-time
 thinking cost is printed separately.
 
     python benchmarks/deep_thinking.py                      # defaults below
-    python benchmarks/deep_thinking.py --tasks mpqa --seeds 0 1 --test 50
+    python benchmarks/deep_thinking.py --tasks mpqa --seeds 0 1 --test 50 --etas 0.1 --no-cost
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dlngraph.compiler.plan import PlanNode
+from dlngraph.runtime import calibration
 from dlngraph.runtime.data import read_jsonl
 from dlngraph.runtime.kv_state import KVState
-from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, score_choices
+from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, best_step, score_choices, step_score
 from dlngraph.spec import DeepThinkingNode
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2  # queries run before timing starts
-CHOICES = {"mpqa": ["negative", "positive"], "subj": ["objective", "subjective"]}
+CHOICES = {
+    "mpqa": ["negative", "positive"],
+    "subj": ["objective", "subjective"],
+    "navigate": ["No", "Yes"],
+    "hyperbaton": ["(A)", "(B)"],
+}
+DATA = {"mpqa": ROOT / "specs/data", "subj": ROOT / "specs/data"}  # the rest: benchmarks/data
+MODES = ("raw", "calibrated")
 
 
-def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any) -> DeepThinkingLayer:
+def data_dir(task: str) -> Path:
+    return DATA.get(task, ROOT / "benchmarks/data") / task
+
+
+def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any, eta: float) -> DeepThinkingLayer:
     spec = DeepThinkingNode(
         kind="deep_thinking",
         demonstrations={"split": "train", "count": args.shots, "seed": seed},
         demo_template="{{ input }}\nAnswer: {{ label }}",
         template="{{ input }}\nAnswer:",
         choices=CHOICES[task],
-        eta=args.eta,
+        eta=eta,
         beta=args.beta,
         max_steps=args.max_steps,
+        calibration="contextual",
     )
     node = PlanNode("answer", "deep_thinking", "local", "torch", "choice", tuple(spec.choices), (), ("input",),
                     (), False, "target")
-    paths = {split: args.data / task / f"{split}.jsonl" for split in ("train", "dev", "test")}
+    paths = {split: data_dir(task) / f"{split}.jsonl" for split in ("train", "dev", "test")}
     return DeepThinkingLayer(node, spec, backend, data_paths=paths)
 
 
-def split(args: argparse.Namespace, task: str, name: str, limit: int) -> tuple[list[dict[str, str]], list[str]]:
-    examples = read_jsonl(args.data / task / f"{name}.jsonl", ["input", "target"], limit=limit)
+def split(task: str, name: str, limit: int) -> tuple[list[dict[str, str]], list[str]]:
+    examples = read_jsonl(data_dir(task) / f"{name}.jsonl", ["input", "target"], limit=limit)
     return [{"input": e["input"]} for e in examples], [e["target"] for e in examples]
 
 
-def accuracy(
-    layer: DeepThinkingLayer, state: KVState | None, rows: list[dict[str, str]], targets: list[str]
-) -> float:
-    scored = layer.choice_logprobs(state, rows)
-    return sum(max(lp, key=lp.__getitem__) == t for lp, t in zip(scored, targets)) / len(targets)
+def predictions(scored: list[dict[str, float]]) -> list[str]:
+    return [max(lp, key=lp.__getitem__) for lp in scored]
 
 
-def run_accuracy(task: str, args: argparse.Namespace, backend: Any) -> dict[str, Any]:
-    test_rows, test_targets = split(args, task, "test", args.test)
-    dev_rows, dev_targets = split(args, task, "dev", args.dev)
-    per_seed: list[dict[str, Any]] = []
-    zero_shot = accuracy(make_layer(task, 0, args, backend), None, test_rows, test_targets)
-    for seed in args.seeds:
-        layer = make_layer(task, seed, args, backend)
-        text = layer.demo_text(layer.demonstrations())
-        started = time.perf_counter()
-        state = layer.prepare(dev_rows=dev_rows, dev_targets=dev_targets)
-        select_s = time.perf_counter() - started
+def margin(scored: list[dict[str, float]]) -> float:
+    tops = [sorted(lp.values(), reverse=True) for lp in scored]
+    return statistics.mean(t[0] - t[1] for t in tops)
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pairs (b: only the new
+    method right, c: only the baseline right)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = math.fsum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@dataclass
+class Scored:
+    """One method's test outcome for one seed."""
+
+    steps: int
+    correct: list[bool]
+    margin: float
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    length: int
+    icl: dict[str, Scored]  # per mode
+    deep_thinking: dict[str, Scored]
+    repeat: Scored | str  # a Scored, or why the baseline was skipped
+    dev_curve: dict[str, list[float]]
+    changes: list[tuple[float, float]]  # per pass >= 2: (|dK|/|K|, |dV|/|V|)
+    seconds: float
+
+
+@dataclass
+class EtaRun:
+    eta: float
+    seeds: list[SeedRun] = field(default_factory=list)
+
+
+def scores_of(layer: DeepThinkingLayer, state: KVState | None, rows: list[dict[str, str]]) -> dict[str, list[dict[str, float]]]:
+    """Raw and contextually calibrated choice log-probs from `state`."""
+    raw = layer.choice_logprobs(state, rows)
+    return {"raw": raw, "calibrated": calibration.apply_all(raw, layer.label_prior(state))}
+
+
+def test_outcome(steps: int, scored: list[dict[str, float]], targets: list[str]) -> Scored:
+    return Scored(steps, [p == t for p, t in zip(predictions(scored), targets)], margin(scored))
+
+
+def run_seed(
+    task: str, seed: int, eta: float, args: argparse.Namespace, backend: Any,
+    dev: tuple[list[dict[str, str]], list[str]], test: tuple[list[dict[str, str]], list[str]],
+    icl_cache: dict[int, tuple[dict[str, Scored], dict[str, Any]]],
+    repeat_cache: dict[tuple[int, int], Scored | str],
+) -> SeedRun:
+    started = time.perf_counter()
+    layer = make_layer(task, seed, args, backend, eta)
+    text = layer.demo_text(layer.demonstrations())
+    curves: dict[str, list[Any]] = {m: [] for m in MODES}
+    selected: dict[str, tuple[Any, dict[str, list[dict[str, float]]] | None]] = {}
+    best_states: dict[str, KVState] = {}
+    for state in layer.think_steps(text):
         steps = state.meta.steps
-        row = {
-            "seed": seed,
-            "T": steps,
-            "L": state.length,
-            "dev_curve": [round(p.accuracy, 3) for p in layer.curve],
-            "icl": accuracy(layer, layer.think(text, 1), test_rows, test_targets),
-            "repeat": accuracy(layer, layer.think(text * steps, 1), test_rows, test_targets),
-            "deep_thinking": accuracy(layer, state, test_rows, test_targets),
-            "select_s": select_s,
-        }
-        print(f"  {task} seed {seed}: L={row['L']} T={steps} dev curve {row['dev_curve']} | "
-              f"icl {row['icl']:.3f} repeat-{steps} {row['repeat']:.3f} deep-thinking {row['deep_thinking']:.3f} "
-              f"| selecting T took {select_s:.1f} s", flush=True)
-        per_seed.append(row)
-    return {"zero_shot": zero_shot, "seeds": per_seed}
+        if steps == 1 and seed in icl_cache:
+            icl, dev_points = icl_cache[seed]
+        else:
+            dev_scored = scores_of(layer, state, dev[0])
+            dev_points = {m: step_score(steps, dev_scored[m], dev[1]) for m in MODES}
+            if steps == 1:
+                test_scored = scores_of(layer, state, test[0])
+                icl = {m: test_outcome(1, test_scored[m], test[1]) for m in MODES}
+                icl_cache[seed] = (icl, dev_points)
+        for m in MODES:
+            curves[m].append(dev_points[m])
+            if best_step(curves[m]) is dev_points[m]:
+                best_states[m] = state.clone()
+        if steps >= args.max_steps:
+            break
+    changes = [(c.key_update, c.value_update) for c in layer.changes]
+    deep: dict[str, Scored] = {}
+    tested: dict[int, dict[str, list[dict[str, float]]]] = {}  # both modes from one scoring per T
+    for m in MODES:
+        state = best_states[m]
+        if state.meta.steps == 1:
+            deep[m] = icl[m]  # T = 1 is ICL exactly
+            continue
+        if state.meta.steps not in tested:
+            tested[state.meta.steps] = scores_of(layer, state, test[0])
+        deep[m] = test_outcome(state.meta.steps, tested[state.meta.steps][m], test[1])
+    steps = deep["raw"].steps
+    key = (seed, steps)
+    if key not in repeat_cache:
+        repeat_cache[key] = repeat_baseline(layer, text, steps, test)
+    return SeedRun(
+        seed,
+        best_states["raw"].length,
+        icl,
+        deep,
+        repeat_cache[key],
+        {m: [round(p.accuracy, 3) for p in curves[m]] for m in MODES},
+        changes,
+        time.perf_counter() - started,
+    )
+
+
+def repeat_baseline(
+    layer: DeepThinkingLayer, text: str, steps: int, test: tuple[list[dict[str, str]], list[str]]
+) -> Scored | str:
+    """The demonstrations written `steps` times then the query, or why that does not fit."""
+    context = int(getattr(layer.backend.model.config, "max_position_embeddings", 2048))
+    length = len(layer.backend.token_ids(text * steps))
+    longest = max(len(layer.backend.token_ids(q)) for q in layer.queries(test[0])[0]) + 8
+    if length + longest > context:
+        return f"skipped: {steps} x the demonstrations is {length} tokens, + a query {length + longest} > context {context}"
+    state = layer.think(text * steps, 1)
+    return test_outcome(steps, layer.choice_logprobs(state, test[0]), test[1])
+
+
+def run_accuracy(task: str, args: argparse.Namespace, backend: Any) -> list[EtaRun]:
+    test = split(task, "test", args.test)
+    dev = split(task, "dev", args.dev)
+    icl_cache: dict[int, tuple[dict[str, Scored], dict[str, Any]]] = {}
+    repeat_cache: dict[tuple[int, int], Scored | str] = {}
+    runs = []
+    for eta in args.etas:
+        run = EtaRun(eta)
+        for seed in args.seeds:
+            r = run_seed(task, seed, eta, args, backend, dev, test, icl_cache, repeat_cache)
+            repeat = r.repeat if isinstance(r.repeat, str) else f"{r.repeat.accuracy:.3f}"
+            print(f"  {task} eta {eta} seed {seed}: L={r.length} "
+                  f"dev raw {r.dev_curve['raw']} cal {r.dev_curve['calibrated']} | "
+                  f"icl {r.icl['raw'].accuracy:.3f}/{r.icl['calibrated'].accuracy:.3f} "
+                  f"dt T={r.deep_thinking['raw'].steps} {r.deep_thinking['raw'].accuracy:.3f} "
+                  f"cal T={r.deep_thinking['calibrated'].steps} {r.deep_thinking['calibrated'].accuracy:.3f} "
+                  f"repeat {repeat} | |dK|/|K| {[f'{k:.1e}' for k, _ in r.changes]} | {r.seconds:.0f} s", flush=True)
+            run.seeds.append(r)
+        runs.append(run)
+    return runs
+
+
+def report_accuracy(task: str, runs: list[EtaRun], args: argparse.Namespace) -> None:
+    print(f"\n== {task}: {args.shots} demonstrations, test n={args.test}, dev n={args.dev}, beta={args.beta}, "
+          f"T in 1..{args.max_steps} selected on dev, seeds {args.seeds}")
+    print(f"  {'eta':>5} {'mode':<10} {'icl':>6} {'dt':>6} {'T/seed':<10} {'b':>3} {'c':>3} {'McNemar p':>9} "
+          f"{'repeat-T':>8} {'margin icl->dt':>15}  |dK|/|K| per pass (mean over seeds)")
+    for run in runs:
+        for m in MODES:
+            icl = [s.icl[m] for s in run.seeds]
+            dt = [s.deep_thinking[m] for s in run.seeds]
+            b = sum(d and not i for x, y in zip(dt, icl) for d, i in zip(x.correct, y.correct))
+            c = sum(i and not d for x, y in zip(dt, icl) for d, i in zip(x.correct, y.correct))
+            repeats = [s.repeat for s in run.seeds if not isinstance(s.repeat, str)]
+            repeat = f"{statistics.mean(r.accuracy for r in repeats):.3f}" if repeats and m == "raw" else "-"
+            passes = max(len(s.changes) for s in run.seeds)
+            dk = [statistics.mean(s.changes[i][0] for s in run.seeds if i < len(s.changes)) for i in range(passes)]
+            print(f"  {run.eta:>5} {m:<10} {statistics.mean(x.accuracy for x in icl):6.3f} "
+                  f"{statistics.mean(x.accuracy for x in dt):6.3f} {str([x.steps for x in dt]):<10} {b:3d} {c:3d} "
+                  f"{mcnemar(b, c):9.3f} {repeat:>8} "
+                  f"{statistics.mean(x.margin for x in icl):6.2f}->{statistics.mean(x.margin for x in dt):5.2f}  "
+                  f"{' '.join(f'{v:.1e}' for v in dk)}")
+        for s in run.seeds:
+            if isinstance(s.repeat, str):
+                print(f"        seed {s.seed} repeat-{s.deep_thinking['raw'].steps}: {s.repeat}")
 
 
 # ---------------------------------------------------------------------- cost, in a fresh process
@@ -125,9 +290,9 @@ class CostInputs:
 
 
 def cost_inputs(task: str, args: argparse.Namespace, backend: Any) -> tuple[DeepThinkingLayer, CostInputs]:
-    layer = make_layer(task, 0, args, backend)
+    layer = make_layer(task, 0, args, backend, args.etas[0])
     text = layer.demo_text(layer.demonstrations())
-    rows, _ = split(args, task, "test", args.latency_queries + WARMUP)
+    rows, _ = split(task, "test", args.latency_queries + WARMUP)
     queries, continuations = layer.queries(rows)
     ids = lambda text: list(backend.token_ids(text))  # noqa: E731
     choices = [[ids(c) for c in cs] for cs in continuations]
@@ -162,13 +327,6 @@ def latencies(layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) ->
             if i >= WARMUP:
                 times[m].append(time.perf_counter() - started)
     return {m: statistics.median(ts) for m, ts in times.items()}
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _peak_memory(job: dict[str, Any]) -> float:
@@ -220,62 +378,51 @@ def run_cost(task: str, args: argparse.Namespace, backend: Any, tmp: Path) -> di
     return out
 
 
-def report(task: str, acc: dict[str, Any], cost: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
-    seeds = acc["seeds"]
-
-    def summary(key: str) -> str:
-        values = [s[key] for s in seeds]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {spread:.3f}  ({', '.join(f'{v:.2f}' for v in values)})"
-
-    print(f"\n== {task}: {args.shots} demonstrations, test n={args.test}, dev n={args.dev}, "
-          f"eta={args.eta}, beta={args.beta}, T in 1..{args.max_steps}, seeds {args.seeds}")
-    print(f"  zero-shot        {acc['zero_shot']:.3f}")
-    print(f"  icl              {summary('icl')}")
-    print(f"  repeat-T         {summary('repeat')}   T per seed {[s['T'] for s in seeds]}")
-    print(f"  deep-thinking    {summary('deep_thinking')}")
+def report_cost(task: str, cost: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     reread = cost["icl-reread"]["latency_s"]
-    for method in ("icl-reread", "icl-cached", "deep-thinking"):
+    for method in METHODS:
         c = cost[method]
         ratio = c["latency_s"] / reread
         print(f"  {method:<16} {c['latency_s'] * 1000:7.1f} ms/query  ({ratio:.2f}x re-reading)  "
               f"peak +{c['peak_mib']:.1f} MiB")
     think = cost["think"]
     print(f"  one-time think   {think['seconds']:.2f} s for T={args.cost_steps} passes over "
-          f"L={think['L']} tokens; "
-          f"state file {think['state_mib']:.1f} MiB; selecting T on dev took "
-          f"{statistics.mean(s['select_s'] for s in seeds):.1f} s per seed")
+          f"L={think['L']} tokens; state file {think['state_mib']:.1f} MiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["mpqa", "subj"], choices=sorted(CHOICES))
+    parser.add_argument("--tasks", nargs="+", default=sorted(CHOICES), choices=sorted(CHOICES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--test", type=int, default=100, help="test examples scored")
     parser.add_argument("--dev", type=int, default=32, help="dev examples for selecting T")
     parser.add_argument("--max-steps", type=int, default=6)
-    parser.add_argument("--eta", type=float, default=0.01)
+    parser.add_argument("--etas", nargs="+", type=float, default=[0.01, 0.1, 0.3])
     parser.add_argument("--beta", type=float, default=0.9)
+    parser.add_argument("--no-cost", action="store_true", help="accuracy only: skip latency and peak memory")
     parser.add_argument("--cost-steps", type=int, default=4, help="T of the state timed in the cost part")
     parser.add_argument("--latency-queries", type=int, default=10)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
-    parser.add_argument("--data", type=Path, default=ROOT / "specs" / "data")
     args = parser.parse_args()
 
     from dlngraph.runtime.backends.torch_backend import TorchBackend
     from dlngraph.spec import TorchBackendSpec
 
     torch.set_num_threads(args.threads)
-    backend = TorchBackend(TorchBackendSpec(device=args.device, batch_size=16))
+    backend = TorchBackend(TorchBackendSpec(device=args.device))
     print(f"model {backend.identity} on {backend.device}, {args.threads} thread(s)", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
-            results[task] = (run_accuracy(task, args, backend), run_cost(task, args, backend, Path(tmp)))
-    for task, (acc, cost) in results.items():
-        report(task, acc, cost, args)
+            accuracy = run_accuracy(task, args, backend)
+            cost = None if args.no_cost else run_cost(task, args, backend, Path(tmp))
+            results[task] = (accuracy, cost)
+    for task, (accuracy, cost) in results.items():
+        report_accuracy(task, accuracy, args)
+        if cost is not None:
+            report_cost(task, cost, args)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,13 @@ class TorchBackendSpec(_Model):
     kind: Literal["torch"] = "torch"
     model: str = Field("embedded", description="'embedded' or a local Hugging Face model directory")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on CUDA, float32 on CPU"
+    )
     chat: bool = Field(False, description="wrap prompts in the model's chat template")
-    batch_size: int = Field(16, ge=1, description="examples per forward pass")
+    batch_size: int | None = Field(
+        None, ge=1, description="examples per forward pass; omit: 16 on CPU, sized to free GPU memory on CUDA"
+    )
 
 
 class Deployment(_Model):
@@ -218,6 +222,11 @@ class DeepThinkingNode(_Model):
     steps: int | None = Field(None, ge=1, le=64, description="fixed T; omit to select on dev")
     max_steps: int = Field(8, ge=1, le=64, description="largest T tried when selecting on dev")
     select_steps_on: Literal["dev"] | None = "dev"
+    calibration: Literal["none", "contextual", "batch"] = Field(
+        "none",
+        description="label-prior removal on the choice scores, as on choice layers, re-estimated "
+        "from each thinking state: `contextual` (content-free inputs) or `batch` (unlabeled train inputs)",
+    )
 
     @field_validator("choices")
     @classmethod

@@ -12,10 +12,13 @@ same demonstrations, model and hyperparameters; otherwise it refuses with a
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from functools import cache as memoize
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +28,36 @@ from transformers import DynamicCache
 from dlngraph.errors import RuntimeFailure
 
 FORMAT = "dlngraph-deep-thinking/1"
+
+
+@memoize
+def _cache_keyword(forward: Any) -> str:
+    """The name a model's forward takes its KV cache by: transformers 5.x renamed
+    `past_key_values` to `cache` and warns on the old name (removal in 5.40)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def forward_with_cache(
+    module: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Any,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """`module(...)` (a base model or a causal LM) appending to `cache` in place;
+    returns (the module's output, the cache). Every call that hands the model a
+    cache goes through here, so the keyword is chosen in one place."""
+    device = module.device
+    out = module(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        **{_cache_keyword(type(module).forward): cache},
+        **kwargs,
+    )
+    return out, cache
 
 
 @dataclass(frozen=True)
@@ -40,6 +73,9 @@ class StateMeta:
     length: int  # L: tokens of the rendered demonstrations
     dtype: str  # of the stored tensors
     demos_sha256: str  # of the rendered demonstrations text
+    # T selected on dev depends on how the choices were scored; files written
+    # before the field existed were uncalibrated.
+    calibration: str = "none"
 
     def to_strings(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -48,7 +84,8 @@ class StateMeta:
     def from_strings(cls, raw: dict[str, str]) -> "StateMeta":
         types = {f.name: f.type for f in fields(cls)}
         convert = {"int": int, "float": float, "str": str}
-        return cls(**{k: convert[types[k]](raw[k]) for k in types})
+        defaults = {f.name: str(f.default) for f in fields(cls) if f.default is not MISSING}
+        return cls(**{k: convert[types[k]](raw.get(k, defaults.get(k))) for k in types})
 
 
 @dataclass

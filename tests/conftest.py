@@ -1,7 +1,10 @@
 """Shared fixtures: the embedded model loaded once per session, a private cache.
 
 `torch_backend` is the real embedded SmolLM2-135M-Instruct behind the torch
-backend (fp32, CPU unless a GPU is present). Torch backends built later in the
+backend (fp32, CPU unless a GPU is present). `device` parametrises a test over
+"cpu" and "cuda" (marked `cuda`, skipped with the reason when torch sees no
+GPU); `device_backend` is the embedded model on that device in its default
+dtype (float32 on CPU, bfloat16 on CUDA). Torch backends built later in the
 same process with the same model/device/dtype share its weights, so CLI tests
 run in-process do not reload it. `cache_dir` / `response_cache` give each test
 its own SQLite response cache, never the user's. `build_plan` makes a
@@ -22,9 +25,34 @@ def torch_backend():  # -> TorchBackend (torch is imported lazily for non-model 
     from dlngraph.runtime.backends.torch_backend import TorchBackend
     from dlngraph.spec import TorchBackendSpec
 
-    backend = TorchBackend(TorchBackendSpec(batch_size=8))
+    # float32 even on a GPU: the tests that use it compare to 1e-4 (see device_backend).
+    backend = TorchBackend(TorchBackendSpec(batch_size=8, dtype="float32"))
     backend.model  # noqa: B018 - load the weights once, here
     return backend
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped when torch sees none)")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request: pytest.FixtureRequest) -> str:
+    if request.param == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA GPU: torch.cuda.is_available() is False")
+    return request.param
+
+
+@pytest.fixture
+def device_backend(device: str, torch_backend):  # -> TorchBackend on `device`, default dtype
+    from dlngraph.runtime.backends.torch_backend import TorchBackend
+    from dlngraph.spec import TorchBackendSpec
+
+    if torch_backend.device.type == device == "cpu":
+        return torch_backend  # the default dtype on CPU is its float32
+    return TorchBackend(TorchBackendSpec(device=device, batch_size=8))
 
 
 @pytest.fixture

@@ -1,5 +1,12 @@
 """The torch backend on the real embedded model: scoring equals a plain
-forward, generation is seeded and stops where asked, bad models fail clearly."""
+forward, generation is seeded and stops where asked, bad models fail clearly.
+
+Tests taking `device_backend` run on CPU (float32) and, where torch sees a GPU,
+on CUDA (bfloat16, its default dtype). Tolerances per dtype, on log-probs:
+float32 agrees to 1e-4 whatever the batching; bfloat16 keeps 8 bits of
+mantissa, and a padded batch sums in another order than a single row, so
+batched and unbatched agree only to 0.15 there.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ pytestmark = pytest.mark.model
 
 INSTRUCTION = "Decide whether the review is positive or negative.\n\n"
 REVIEWS = ["A wonderful, moving film.", "Dull, far too long and badly acted; I left early.", "Fine."]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
 
 
 def plain_logprobs(backend: TorchBackend, request: ScoreRequest) -> list[float]:
@@ -30,7 +38,9 @@ def plain_logprobs(backend: TorchBackend, request: ScoreRequest) -> list[float]:
     return [float(logprobs[start + j - 1, tok]) for j, tok in enumerate(encoded.continuation)]
 
 
-def test_batched_prefix_reuse_scoring_matches_plain_forward(torch_backend: TorchBackend) -> None:
+def test_batched_prefix_reuse_scoring_matches_plain_forward(device_backend: TorchBackend) -> None:
+    torch_backend = device_backend
+    tolerance = TOLERANCE[torch_backend.dtype]
     requests = [
         ScoreRequest(prompt=f"Review: {text}\nSentiment:", continuation=choice, prefix=INSTRUCTION)
         for text in REVIEWS
@@ -46,20 +56,23 @@ def test_batched_prefix_reuse_scoring_matches_plain_forward(torch_backend: Torch
     for request, score in zip(requests, scores):
         expected = plain_logprobs(torch_backend, request)
         assert len(score.token_logprobs) == len(expected)
-        assert score.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert score.token_logprobs == pytest.approx(expected, abs=tolerance)
     assert scores[-1].token_logprobs == ()
 
 
-def test_score_order_and_duplicates_do_not_matter(torch_backend: TorchBackend) -> None:
+def test_score_order_and_duplicates_do_not_matter(device_backend: TorchBackend) -> None:
+    torch_backend = device_backend
+    tolerance = TOLERANCE[torch_backend.dtype] / 10
     a = ScoreRequest(prompt="Review: Great fun.\nSentiment:", continuation=" positive", prefix=INSTRUCTION)
     b = ScoreRequest(prompt="Review: Boring.\nSentiment:", continuation=" negative", prefix=INSTRUCTION)
     forward = torch_backend.score([a, b, a])
     backward = torch_backend.score([b, a])
-    assert forward[0].token_logprobs == pytest.approx(backward[1].token_logprobs, abs=1e-5)
-    assert forward[2].token_logprobs == pytest.approx(forward[0].token_logprobs, abs=1e-5)
+    assert forward[0].token_logprobs == pytest.approx(backward[1].token_logprobs, abs=tolerance)
+    assert forward[2].token_logprobs == pytest.approx(forward[0].token_logprobs, abs=tolerance)
 
 
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(torch_backend: TorchBackend) -> None:
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(device_backend: TorchBackend) -> None:
+    torch_backend = device_backend
     story = GenerateRequest("Once upon a time, a small robot", max_tokens=12, temperature=1.0, seed=7, n=2)
     other = GenerateRequest("The recipe calls for", max_tokens=8, temperature=0.9, seed=1)
     first = torch_backend.generate([story, other])
@@ -72,8 +85,9 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(torch_back
 
 
 def test_rows_sharing_a_prompt_are_prefilled_once_with_unchanged_samples(
-    torch_backend: TorchBackend, monkeypatch: pytest.MonkeyPatch
+    device_backend: TorchBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    torch_backend = device_backend
     prompt = "Write a short reason why the film was good:"
     requests = [GenerateRequest(prompt, 10, 0.8, seed=s) for s in (1, 2, 3)] + [GenerateRequest("Name a fruit:", 6)]
     alone = [torch_backend.generate([r])[0] for r in requests]
@@ -85,7 +99,8 @@ def test_rows_sharing_a_prompt_are_prefilled_once_with_unchanged_samples(
     assert together == alone
 
 
-def test_greedy_generation_honours_stop_and_max_tokens(torch_backend: TorchBackend) -> None:
+def test_greedy_generation_honours_stop_and_max_tokens(device_backend: TorchBackend) -> None:
+    torch_backend = device_backend
     listing = GenerateRequest("Three fruits:\n1. apple\n2.", max_tokens=30, stop=("\n",))
     short = GenerateRequest("Count: one, two, three,", max_tokens=3)
     out = torch_backend.generate([listing, short])

@@ -33,12 +33,17 @@ from dlngraph.runtime.backends.base import (
     Score,
     ScoreRequest,
 )
-from dlngraph.runtime.models import ModelSource, load_causal_lm
+from dlngraph.runtime.kv_state import forward_with_cache
+from dlngraph.runtime.models import ModelSource, load_causal_lm, pick_device
 from dlngraph.spec import TorchBackendSpec
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+CPU_BATCH = 16  # rows per forward on CPU: compute-bound, bigger batches buy nothing
+GPU_MAX_BATCH = 256  # beyond this a 135M model's step is no faster per row
+GPU_MEMORY_SHARE = 0.5  # of the free memory one batch may plan to use
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -77,15 +82,19 @@ class TorchBackend(BackendBase):
         # Resolving the source checks the model path now and keys the cache
         # without loading any weights (a fully cached run never loads them).
         self.source = ModelSource.resolve(self.spec.model)
+        # Only "auto" is resolved now: an explicit "cuda" on a machine without one
+        # fails when the weights load, as before, so compiling such a spec works.
+        self.device_name = pick_device("auto") if self.spec.device == "auto" else self.spec.device
+        self.dtype_name = resolve_dtype(self.spec.dtype, self.device_name)
         mode = "chat" if self.spec.chat else "plain"
-        self.identity = f"{self.source.identity}|{self.spec.dtype}|{mode}"
+        self.identity = f"{self.source.identity}|{self.dtype_name}|{mode}"
         self._loaded: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------------ model
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            self._loaded = _shared_model(self.spec.model, self.spec.device, self.spec.dtype)
+            self._loaded = _shared_model(self.spec.model, self.device_name, self.dtype_name)
         return self._loaded
 
     @property
@@ -110,6 +119,30 @@ class TorchBackend(BackendBase):
 
     def close(self) -> None:
         self._loaded = None
+
+    def rows_per_batch(self, tokens_per_row: int) -> int:
+        """Rows one forward takes: the spec's `batch_size` if set; else 16 on CPU,
+        and on CUDA as many as half the free memory holds for rows of this length
+        (KV cache, activations and the logits of every position, per token)."""
+        if self.spec.batch_size is not None:
+            return self.spec.batch_size
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return max(CPU_BATCH, min(GPU_MAX_BATCH, int(free * GPU_MEMORY_SHARE) // self._bytes_per_row(tokens_per_row)))
+
+    def _bytes_per_row(self, tokens: int) -> int:
+        config = self.model.config
+        width = self.dtype.itemsize
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = 2 * config.num_hidden_layers * heads * head_dim * width
+        # A layer's live activations: a few hidden-size and MLP-size vectors, and
+        # one row of attention scores per head; logits are fp32 log-probs.
+        activations = (4 * config.hidden_size + 3 * config.intermediate_size) * width
+        scores = config.num_attention_heads * tokens * 4
+        logits = 2 * config.vocab_size * 4
+        return max(1, tokens * (kv + activations + scores + logits))
 
     # ------------------------------------------------------------------ tokens
 
@@ -162,14 +195,10 @@ class TorchBackend(BackendBase):
         positions: torch.Tensor,
         cache: DynamicCache | None,
     ) -> tuple[torch.Tensor, DynamicCache]:
-        out = self.model.base_model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            past_key_values=cache if cache is not None else DynamicCache(),
-            use_cache=True,
+        out, cache = forward_with_cache(
+            self.model.base_model, ids, mask, positions, cache if cache is not None else DynamicCache()
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, cache
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
@@ -202,7 +231,8 @@ class TorchBackend(BackendBase):
                 prefix_cache = self._prefix_cache(prefix)
                 # Similar lengths batch together, so little of a batch is padding.
                 ordered = sorted(examples.items(), key=lambda item: len(item[0]))
-                for chunk in chunks(ordered, self.spec.batch_size):
+                longest = max(len(p) + len(encoded[i].continuation) for p, idxs in ordered for i in idxs)
+                for chunk in chunks(ordered, self.rows_per_batch(len(prefix) + longest)):
                     self._score_examples(prefix, prefix_cache, chunk, encoded, results)
         self.usage.calls += 1
         self.usage.requests += len(requests)
@@ -244,7 +274,8 @@ class TorchBackend(BackendBase):
         # One row per request: (example index, request index). Rows go in chunks:
         # each carries a copy of its example's cache.
         rows = [(b, i) for b, (_, idxs) in enumerate(examples) for i in idxs]
-        for part in chunks(rows, self.spec.batch_size):
+        longest = max(len(p) for p in prompts) + max(len(encoded[i].continuation) for _, i in rows)
+        for part in chunks(rows, self.rows_per_batch(n_prefix + longest)):
             tails = [encoded[i].continuation[:-1] for _, i in part]
             later = None
             if any(tails):
@@ -270,8 +301,9 @@ class TorchBackend(BackendBase):
             self._check_context(len(p) + r.max_tokens)
         samples = [(i, k) for i, r in enumerate(requests) for k in range(r.n)]
         texts: dict[tuple[int, int], tuple[str, int]] = {}
+        longest = max(len(p) + r.max_tokens for p, r in zip(prompts, requests))
         with torch.inference_mode():
-            for chunk in chunks(samples, self.spec.batch_size):
+            for chunk in chunks(samples, self.rows_per_batch(longest)):
                 texts.update(self._generate_rows(chunk, requests, prompts))
         results = []
         for i, r in enumerate(requests):
@@ -354,6 +386,14 @@ def _shared_model(model: str, device: str, dtype: str) -> tuple[Any, Any]:
             _MODELS[key] = (lm, tokenizer)
             log.info("loaded %s (%s, %s) in %.1f s", model, device, dtype, time.perf_counter() - started)
         return _MODELS[key]
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto': bfloat16 on CUDA (half the bytes per step, tensor cores), float32
+    on CPU (bfloat16 matmuls are slower there and change more choices)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 def _pick(logprobs: torch.Tensor, request: GenerateRequest, generator: torch.Generator) -> int:

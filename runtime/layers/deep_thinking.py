@@ -37,7 +37,7 @@ prepares on first use, so `Executor(plan, backends, layers={name: layer})` with
 a layer from `from_plan` works for `eval` / `run`; a layer built with only
 (node, spec, backend) can think on the fly only from an explicit
 `demonstrations.examples` list. The backend must expose `.model`, `.tokenizer`,
-`.token_ids`, `.identity` and `.spec.batch_size` (the torch backend does);
+`.token_ids`, `.identity` and `.rows_per_batch(tokens)` (the torch backend does);
 templates are read as plain text (no chat wrapping).
 """
 
@@ -58,8 +58,9 @@ from transformers import DynamicCache
 
 from dlngraph.compiler.plan import ExecutionPlan, PlanNode
 from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime import calibration
 from dlngraph.runtime.data import read_jsonl
-from dlngraph.runtime.kv_state import KVState, StateMeta, load_state
+from dlngraph.runtime.kv_state import KVState, StateMeta, forward_with_cache, load_state
 from dlngraph.runtime.layers.base import ForwardRecord, Row
 from dlngraph.runtime.template import render, score_request
 from dlngraph.spec import DeepThinkingNode
@@ -84,6 +85,36 @@ class StepScore:
     mean_target_logprob: float
 
 
+@dataclass(frozen=True)
+class StepChange:
+    """How far pass `steps` moved the state, relative to its size (all layers
+    together, Frobenius norms): `*_update` is ||eta * m|| / ||state||, the step
+    actually taken; `*_gradient` is ||new - state|| / ||state||, what the pass
+    proposed before eta and momentum."""
+
+    steps: int
+    key_update: float
+    value_update: float
+    key_gradient: float
+    value_gradient: float
+
+
+def step_score(steps: int, scored: Sequence[Mapping[str, float]], targets: Sequence[str]) -> StepScore:
+    hits = [max(lp, key=lp.__getitem__) == t for lp, t in zip(scored, targets)]
+    return StepScore(steps, sum(hits) / len(hits), sum(lp[t] for lp, t in zip(scored, targets)) / len(hits))
+
+
+def best_step(curve: Sequence[StepScore]) -> StepScore:
+    """Highest dev accuracy; ties: higher mean target log-prob, then smaller T."""
+    return max(curve, key=lambda p: (p.accuracy, p.mean_target_logprob, -p.steps))
+
+
+def relative_norm(delta: Sequence[torch.Tensor], base: Sequence[torch.Tensor]) -> float:
+    num = math.fsum(float(d.double().pow(2).sum()) for d in delta)
+    den = math.fsum(float(b.double().pow(2).sum()) for b in base)
+    return math.sqrt(num / den) if den > 0 else math.inf
+
+
 class DeepThinkingLayer:
     def __init__(
         self,
@@ -94,6 +125,7 @@ class DeepThinkingLayer:
         data_paths: Mapping[str, Path] | None = None,
         run_dir: Path | None = None,
         dev_size: int | None = None,
+        calibration_size: int = 32,
     ) -> None:
         self.node = node
         self.name = node.name
@@ -102,8 +134,12 @@ class DeepThinkingLayer:
         self.data_paths = dict(data_paths or {})
         self.run_dir = run_dir
         self.dev_size = dev_size
+        self.calibration_size = calibration_size
         self.state: KVState | None = None
         self.curve: list[StepScore] = []  # dev accuracy per T, when T was selected
+        self.changes: list[StepChange] = []  # per pass >= 2 of the last thinking run
+        # (state, its T, prior): the state object is held, so a later one cannot pose as it.
+        self._bias: tuple[KVState | None, int, dict[str, float]] | None = None
 
     @classmethod
     def from_plan(
@@ -116,6 +152,7 @@ class DeepThinkingLayer:
             data_paths=plan.data_paths,
             run_dir=run_dir,
             dev_size=plan.spec.train.dev_size,
+            calibration_size=plan.spec.train.calibration_size,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -183,16 +220,21 @@ class DeepThinkingLayer:
             length=length,
             dtype="float32",
             demos_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            calibration=self.spec.calibration,
         )
 
     def think_steps(self, text: str) -> Iterator[KVState]:
-        """The state after pass 1, 2, 3, ... (one object, updated in place between yields)."""
+        """The state after pass 1, 2, 3, ... (one object, updated in place between yields).
+
+        Each pass >= 2 appends a `StepChange` to `self.changes` (logged too), so a
+        run says how far the state moved, not only whether accuracy did."""
         model = self.backend.model
         ids = torch.tensor([self.backend.token_ids(text)], dtype=torch.long, device=model.device)
         length = ids.shape[1]
         if length == 0:
             raise RuntimeFailure("the rendered demonstrations are empty", node=self.name)
         _check_context(model, 2 * length, self.name)
+        self.changes = []
         with torch.no_grad():
             cache = _base_forward(model, ids, torch.ones_like(ids), torch.arange(length)[None], DynamicCache())
         state = KVState(
@@ -203,6 +245,7 @@ class DeepThinkingLayer:
         yield state
         mask = torch.ones(1, 2 * length, dtype=torch.long, device=model.device)
         positions = length + torch.arange(length)[None]
+        layers = len(state.keys)
         momentum: list[torch.Tensor] | None = None
         while True:
             with torch.no_grad():
@@ -216,8 +259,21 @@ class DeepThinkingLayer:
                     momentum = grads
                 else:
                     momentum = [g + self.spec.beta * m for g, m in zip(grads, momentum)]
+                change = StepChange(
+                    state.meta.steps + 1,
+                    key_update=self.spec.eta * relative_norm(momentum[:layers], current[:layers]),
+                    value_update=self.spec.eta * relative_norm(momentum[layers:], current[layers:]),
+                    key_gradient=relative_norm(grads[:layers], current[:layers]),
+                    value_gradient=relative_norm(grads[layers:], current[layers:]),
+                )
                 for s, m in zip(current, momentum):
                     s.add_(m, alpha=self.spec.eta)
+            self.changes.append(change)
+            log.info(
+                "%s: pass %d moved K by %.2e and V by %.2e of their norm (pass proposed %.2e, %.2e)",
+                self.name, change.steps, change.key_update, change.value_update,
+                change.key_gradient, change.value_gradient,
+            )
             state.meta = replace(state.meta, steps=state.meta.steps + 1)
             yield state
 
@@ -236,21 +292,14 @@ class DeepThinkingLayer:
             raise RuntimeFailure("selecting T on dev needs at least one dev example", node=self.name)
         self._check_targets(dev_targets)
         max_steps = max_steps or self.spec.max_steps
-        best: tuple[tuple[float, float], KVState] | None = None
+        best: tuple[StepScore, KVState] | None = None
         self.curve = []
         for state in self.think_steps(text):
-            scored = self.choice_logprobs(state, dev_rows)
-            hits = [max(lp, key=lp.__getitem__) == t for lp, t in zip(scored, dev_targets)]
-            point = StepScore(
-                state.meta.steps,
-                sum(hits) / len(hits),
-                sum(lp[t] for lp, t in zip(scored, dev_targets)) / len(hits),
-            )
+            point = step_score(state.meta.steps, self.answer_logprobs(state, dev_rows), dev_targets)
             self.curve.append(point)
             log.info("%s: T=%d dev accuracy %.3f", self.name, point.steps, point.accuracy)
-            key = (point.accuracy, point.mean_target_logprob)
-            if best is None or key > best[0]:
-                best = (key, state.clone())
+            if best is None or best_step([best[0], point]) is point:
+                best = (point, state.clone())
             if state.meta.steps >= max_steps:
                 break
         assert best is not None
@@ -302,12 +351,12 @@ class DeepThinkingLayer:
         """Class-normalized log-prob of every choice per row, answering from `state` (None: zero-shot)."""
         texts, continuations = self.queries(rows)
         tok = self.backend.token_ids
+        queries = [list(tok(t)) for t in texts]
+        choices = [[list(tok(c)) for c in row] for row in continuations]
+        longest = max((len(q) + len(c) for q, cs in zip(queries, choices) for c in cs), default=0)
+        prefix = state.length if state is not None else 0
         totals = score_choices(
-            self.backend.model,
-            state,
-            [list(tok(t)) for t in texts],
-            [[list(tok(c)) for c in row] for row in continuations],
-            batch_size=self.backend.spec.batch_size,
+            self.backend.model, state, queries, choices, batch_size=self.backend.rows_per_batch(prefix + longest)
         )
         out = []
         for row_totals in totals:
@@ -315,12 +364,53 @@ class DeepThinkingLayer:
             out.append({c: t - norm for c, t in zip(self.spec.choices, row_totals)})
         return out
 
+    def answer_logprobs(self, state: KVState | None, rows: Sequence[Row]) -> list[dict[str, float]]:
+        """`choice_logprobs`, with the node's calibration applied: what every decision reads."""
+        scored = self.choice_logprobs(state, rows)
+        if self.spec.calibration == "none":
+            return scored
+        return calibration.apply_all(scored, self.label_prior(state))
+
+    def label_prior(self, state: KVState | None) -> dict[str, float]:
+        """The label prior the node's calibration divides out, estimated from `state`
+        itself (thinking changes the prior, so each state gets its own). Kept for
+        the state last asked about: a forward over many batches estimates it once."""
+        steps = state.meta.steps if state is not None else 0
+        if self._bias is not None and self._bias[0] is state and self._bias[1] == steps:
+            return self._bias[2]
+        if self.spec.calibration == "contextual":
+            rows = calibration.content_free_rows(self.node.inputs)
+        else:
+            rows = self.calibration_rows()
+        prior = calibration.estimate(self.choice_logprobs(state, rows))
+        self._bias = (state, steps, prior)
+        return prior
+
+    def calibration_rows(self) -> list[Row]:
+        """Unlabeled train inputs for batch calibration (never dev or test)."""
+        if self.node.parents:
+            raise RuntimeFailure(
+                "batch calibration needs train inputs, which here depend on the upstream node(s) "
+                f"{', '.join(self.node.parents)}",
+                node=self.name,
+                hint="use `calibration: contextual` on this node",
+            )
+        path = self.data_paths.get("train")
+        if path is None:
+            raise RuntimeFailure(
+                "batch calibration needs the train split's inputs",
+                node=self.name,
+                hint="add `data.train` to the spec, or use `calibration: contextual`",
+            )
+        examples = read_jsonl(Path(path), list(self.node.inputs), limit=self.calibration_size)
+        return [{f: e[f] for f in self.node.inputs} for e in examples]
+
     def target_logprobs(self, rows: Sequence[Row], targets: Sequence[str]) -> list[float]:
         """Class-normalized log-prob of each row's target under the prepared state
         (the trainer's child rescoring when an upstream layer feeds this node)."""
         self._check_targets(targets)
         state = self.state or self.prepare()
-        return [lp[t] for lp, t in zip(self.choice_logprobs(state, rows), targets)]
+        return [lp[t] for lp, t in zip(self.answer_logprobs(state, rows), targets)]
 
     def _check_targets(self, targets: Sequence[str]) -> None:
         unknown = sorted(set(targets) - set(self.spec.choices))
@@ -334,7 +424,7 @@ class DeepThinkingLayer:
     def forward(self, rows: list[Row]) -> ForwardRecord:
         started = time.perf_counter()
         state = self.state or self.prepare()
-        scored = self.choice_logprobs(state, rows)
+        scored = self.answer_logprobs(state, rows)
         # max() keeps the first of tied choices, so ties break by the spec's order.
         outputs = [max(self.spec.choices, key=lp.__getitem__) for lp in scored]
         return ForwardRecord(
@@ -354,14 +444,7 @@ class DeepThinkingLayer:
 def _base_forward(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
 ) -> DynamicCache:
-    out = model.base_model(
-        input_ids=ids,
-        attention_mask=mask.to(model.device),
-        position_ids=positions.to(model.device),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.past_key_values
+    return forward_with_cache(model.base_model, ids, mask, positions, cache)[1]
 
 
 def _check_context(model: Any, length: int, node: str) -> None:
@@ -392,13 +475,7 @@ def prefix_hidden(
     cache = DynamicCache() if state is None else state.cache(len(rows), dtype=model.dtype, device=model.device)
     full_mask = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long), mask], dim=1)
     positions = prefix + torch.arange(width).expand(len(rows), -1)
-    out = model.base_model(
-        input_ids=ids.to(model.device),
-        attention_mask=full_mask.to(model.device),
-        position_ids=positions.to(model.device),
-        past_key_values=cache,
-        use_cache=True,
-    )
+    out, _ = forward_with_cache(model.base_model, ids, full_mask, positions, cache)
     return out.last_hidden_state, mask
 
 
