@@ -9,8 +9,8 @@ valid baselines measured in the same run: exit status, wall-clock and CPU
 seconds, peak RSS of that process (`os.wait4`), their ratios to the baseline,
 and the first line of stderr. A child's peak RSS starts at this process's RSS
 when it forks, so the big files are written in pieces and this process stays
-smaller than any child. On a shared machine, read CPU seconds: wall-clock time
-there includes waiting for a core.
+smaller than any child. The verdict uses CPU seconds: on a shared machine,
+wall-clock time includes waiting for a core (the load average is printed).
 
     python benchmarks/bad_input.py [--only alias-bomb,flow-list]
 """
@@ -120,6 +120,17 @@ def cases(tmp: Path) -> dict[str, tuple[str, Callable[[], list[str]]]]:
             f.write("]\n")
         return path
 
+    def lines(name: str, head: str, line: str, count: int) -> Callable[[], Path]:
+        def make() -> Path:
+            path = tmp / f"{name}.yaml"
+            with path.open("w") as f:
+                f.write(head)
+                for start in range(0, count, 1_000):
+                    f.write("".join(line.format(i=i) for i in range(start, min(count, start + 1_000))))
+            return path
+
+        return make
+
     secret = Path("/etc/shadow") if os.access("/etc/shadow", os.R_OK) else Path("/etc/passwd")
     return {
         "valid spec (baseline)": ("", compile_(lambda: ROOT / "specs" / "dln1-mpqa.yaml")),
@@ -131,6 +142,12 @@ def cases(tmp: Path) -> dict[str, tuple[str, Callable[[], list[str]]]]:
         ),
         "/dev/zero": ("valid spec (baseline)", compile_(lambda: "/dev/zero")),
         "flow list of 5M inputs (15 MB)": ("valid spec (baseline)", compile_(flow_list)),
+        "400,000 unknown keys (4 MB)": (
+            "valid spec (baseline)", compile_(lines("keys", "name: k\n", "k{i}: 1\n", 400_000))
+        ),
+        "999,990 values (under the limit)": (
+            "valid spec (baseline)", compile_(lines("values", "name: k\ninputs:\n", "- x\n", 999_990))
+        ),
         "nesting 10,000 deep": (
             "valid spec (baseline)", compile_(lambda: spec_with(tmp, "deep", "name: d\nx: " + "[" * 10_000 + "]" * 10_000))
         ),
@@ -180,7 +197,7 @@ def main() -> None:
             base = results.get(baseline)
             ratio_s = f"{result.cpu / base.cpu:7.2f}" if base else f"{'':>7}"
             ratio_m = f"{result.peak_mb / base.peak_mb:7.2f}" if base else f"{'':>7}"
-            within = result.seconds < TARGET_SECONDS and result.peak_mb < TARGET_MB
+            within = result.cpu < TARGET_SECONDS and result.peak_mb < TARGET_MB
             flag = "" if within or not baseline else "  OVER TARGET"
             print(
                 f"{name:<36} {result.code:>4} {result.seconds:7.2f} {result.cpu:6.2f} {ratio_s}"
@@ -189,11 +206,12 @@ def main() -> None:
                 flush=True,
             )
     adversarial = {n: r for n, r in results.items() if "baseline" not in n}
-    bad = [n for n, r in adversarial.items() if r.code != 2 or r.seconds >= TARGET_SECONDS or r.peak_mb >= TARGET_MB]
+    bad = [n for n, r in adversarial.items() if r.code != 2 or r.cpu >= TARGET_SECONDS or r.peak_mb >= TARGET_MB]
     print(
         f"{len(adversarial) - len(bad)}/{len(adversarial)} adversarial cases exit 2 within "
-        f"{TARGET_SECONDS:g} s and {TARGET_MB:g} MB" + (f"; not: {', '.join(bad)}" if bad else "")
+        f"{TARGET_SECONDS:g} CPU s and {TARGET_MB:g} MB" + (f"; not: {', '.join(bad)}" if bad else "")
     )
+    print(f"load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall s includes waiting)")
 
 
 if __name__ == "__main__":
