@@ -86,3 +86,46 @@ def test_first_use_model_conversion_prints_nothing_before_the_error(tmp_path: Pa
     assert "Traceback" not in done.stderr and "%|" not in done.stderr
     converted = list((cache / "dlngraph" / "models").glob("*/config.json"))
     assert converted, "the conversion ran in this fresh cache"
+
+
+@pytest.mark.model
+def test_a_run_on_the_embedded_model_prints_its_result_and_nothing_else(tmp_path: Path) -> None:
+    done = _dlngraph("run", str(ROOT / "specs" / "dln1-mpqa.yaml"), "--json", "--no-cache",
+                     "--input", json.dumps({"input": "a wonderful, moving film\nOptions:\n- negative\n- positive"}),
+                     cache=tmp_path / "cache")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["outputs"]["answer"] in ("negative", "positive")
+    assert done.stderr == ""  # no library warning, log line or progress bar without -v
+
+
+_EMIT = """
+import logging, warnings
+from dlngraph.cli import verbosity
+verbosity.configure({verbose})
+warnings.warn("a dependency's deprecation", FutureWarning)
+logging.getLogger("transformers.modeling_utils").warning("a library's warning")
+logging.getLogger("transformers.modeling_utils").debug("a library's debug line")
+logging.getLogger("dlngraph.runtime.trainer").warning("dlngraph's own warning")
+logging.getLogger("dlngraph.runtime.trainer").info("dlngraph's progress")
+print("the result")
+"""
+
+
+@pytest.mark.parametrize(
+    ("verbose", "shown"),
+    [
+        (0, {"dlngraph's own warning"}),
+        (1, {"dlngraph's own warning", "dlngraph's progress", "a library's warning", "a dependency's deprecation"}),
+        (2, {"dlngraph's own warning", "dlngraph's progress", "a library's warning", "a dependency's deprecation",
+             "a library's debug line"}),
+    ],
+)  # fmt: skip
+def test_verbosity_levels_route_logs_and_warnings_to_stderr(verbose: int, shown: set[str]) -> None:
+    done = subprocess.run([sys.executable, "-c", _EMIT.format(verbose=verbose)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "the result\n"
+    every = {"dlngraph's own warning", "dlngraph's progress", "a library's warning", "a dependency's deprecation",
+             "a library's debug line"}  # fmt: skip
+    assert {text for text in every if text in done.stderr} == shown
