@@ -62,7 +62,7 @@ def run(unit: Unit) -> Unit:
             ),
         )
         graph.add_edges_from((parent, name) for parent in read & names)
-    if not any(p.code in ("E201", "E202", "E209") for p in problems):  # else the unused input is likely a symptom
+    if not any(p.code in ("E201", "E202", "E210") for p in problems):  # else the unused input is likely a symptom
         problems += _check_unused_inputs(spec, used_inputs, source)
     problems += _check_outputs(spec, source)
     if problems:
@@ -90,7 +90,7 @@ def _read_variables(
         except templates.RenderLimit as exc:
             problems.append(
                 source.diagnostic(
-                    "E209",
+                    "E210",
                     f"template in `{slot}` exceeds a render limit: {exc.message}",
                     source.value_span(path),
                     node=name,

@@ -110,7 +110,7 @@ _CODES = (
          "with `demos:` must read `{{ demos }}`, a template reading `{{ demos }}` needs "
          "`demos:`, and drawn demonstrations need labels, so the node must be listed under "
          "`outputs:` (its target field is the label) unless fixed `examples:` are given."),
-    Code("E209", "template-limit", "A template exceeds a render limit even with placeholder data.",
+    Code("E210", "template-limit", "A template exceeds a render limit even with placeholder data.",
          "Templates render in a bounded sandbox: a value or the rendered text may hold at most "
          "1,048,576 characters, and a render may run for at most 1 s. The compiler renders each "
          "template once with one-character placeholder values; if that already passes a limit "

@@ -41,6 +41,15 @@ def test_corpus_is_complete_and_each_case_distinct() -> None:
     assert len({(e["code"], e["message"], e["line"], e["col"]) for e in EXPECTED.values()}) == len(EXPECTED)
 
 
+def test_each_code_is_declared_once() -> None:
+    import re
+
+    from dlngraph.codes import markdown
+
+    declared = re.findall(r"^## (E\d{3}) ", markdown(), re.MULTILINE)
+    assert len(declared) == len(set(declared)) == len(CODES)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_bad_spec_reports_its_mistake(name: str, capsys: pytest.CaptureFixture) -> None:
     want = EXPECTED[name]
