@@ -138,6 +138,36 @@ def test_a_spec_path_that_is_not_a_file_is_refused_unread(path: str, what: str, 
     assert "= code: E007 " in err
 
 
+@pytest.mark.parametrize("size", [100, MAX_SPEC_BYTES + 1])
+def test_a_pipe_is_read_up_to_the_size_limit(size: int, tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from dlngraph.yamlsource import load_source
+
+    pipe = tmp_path / "spec.pipe"
+    os.mkfifo(pipe)
+    text = "name: piped\n" + "#" * (size - len("name: piped\n") - 1) + "\n"
+
+    def write() -> None:
+        with pipe.open("w") as f:
+            try:
+                f.write(text)
+            except BrokenPipeError:  # the reader stops at the limit
+                pass
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        if size <= MAX_SPEC_BYTES:
+            assert load_source(pipe).data == {"name": "piped"}
+        else:
+            with pytest.raises(SpecError, match="more than the limit"):
+                load_source(pipe)
+    finally:
+        writer.join()
+
+
 def _assert_bounded(err: str, shown: int) -> None:
     """At most `shown` diagnostics, each source line echoed within its window."""
     assert len([line for line in err.splitlines() if ": error: " in line]) == shown
