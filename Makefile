@@ -43,9 +43,10 @@ demo: install
 	$(BIN)/dlngraph fit specs/dln1-mpqa.yaml --out runs/demo
 	$(BIN)/dlngraph eval specs/dln1-mpqa.yaml --checkpoint runs/demo/best.yaml --split test
 
+# NO_MKDOCS_2_WARNING: mkdocs-material prints a banner about its successor on every build.
 test: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-	$(BIN)/mkdocs build --strict -q -d build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d build/site
 
 bench: install
 	$(BIN)/python benchmarks/compile_scale.py
