@@ -53,7 +53,8 @@ _MAX_DEPTH = 16  # of nested lists and dicts that `_size` looks into
 # Attribute names the sandbox refuses whatever the object: its `_` rule, the
 # frame/code attributes of generators and coroutines, and `mro` of types.
 _UNSAFE = UNSAFE_GENERATOR_ATTRIBUTES | UNSAFE_COROUTINE_ATTRIBUTES | UNSAFE_ASYNC_GENERATOR_ATTRIBUTES | {"mro"}
-_PRINTF_WIDTH = re.compile(r"%[-+ #0]*(?:\*|\d{7,})")  # `%*d`, or a width of a million or more
+# a width of a million or more (or one given as an argument) in a `%` or `str.format` format
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*(?:\*|\d{7,})|\{[^{}]*:[^{}]*(?:\d{7,}|\{)")
 
 
 class LimitExceeded(SecurityError):
@@ -133,11 +134,13 @@ def _bounded(name: str, run: Any, target: Any, args: tuple, kwargs: Mapping[str,
     """Run a call or filter `name` unless its arguments size the result past the limit."""
     _tick()
     what = f"the result of `{name}`"
-    for arg in (*args, *kwargs.values()):
-        if isinstance(arg, int) and not isinstance(arg, bool):
-            _check(abs(arg), what)  # a width or count
-    if name == "format" and isinstance(target, str) and _PRINTF_WIDTH.search(target):
-        raise LimitExceeded("a `format` width of a million or more (or `*`) is not allowed")
+    if name == "format":  # its arguments are values to format; a width is in the format string
+        if isinstance(target, str) and _FORMAT_WIDTH.search(target):
+            raise LimitExceeded("a `format` width of a million or more, or one given as an argument, is not allowed")
+    else:
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, int) and not isinstance(arg, bool):
+                _check(abs(arg), what)  # a width or count
     grown = _growth(name, target, args, kwargs)
     if grown is not None:
         _check(grown, what)
@@ -270,7 +273,7 @@ class BoundedSandbox(SandboxedEnvironment):
         elif operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
             _check(_size(left) + _size(right), "a joined value")
         elif operator == "%" and isinstance(left, str):
-            if _PRINTF_WIDTH.search(left):
+            if _FORMAT_WIDTH.search(left):
                 raise LimitExceeded("a `%` format width of a million or more (or `*`) is not allowed")
             _check(len(left) + _size(right), "a formatted value")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
@@ -283,7 +286,8 @@ class BoundedSandbox(SandboxedEnvironment):
             return SandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
         name = getattr(__obj, "__name__", "call")
-        return _bounded(name, run, getattr(__obj, "__self__", None), args, kwargs)
+        bound = getattr(__obj, "__wrapped__", __obj)  # Jinja wraps `str.format` to sandbox it
+        return _bounded(name, run, getattr(bound, "__self__", None), args, kwargs)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         template = super()._parse(source, name, filename)

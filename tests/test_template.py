@@ -63,6 +63,8 @@ BOMBS = {
     "method-width": ("{{ 'a'.ljust(1000000000) }}", "the result of `ljust`"),
     "filter-width": ("{{ 'a' | center(1000000000) }}", "the result of `center`"),
     "printf-width": ("{{ '%999999999d' % 1 }}", "width of a million or more"),
+    "format-width": ("{{ '{:>999999999}'.format(1) }}", "width of a million or more"),
+    "format-filter-width": ("{{ '%*d' | format(999999999, 1) }}", "width of a million or more"),
     "big-range": ("{{ range(10 ** 9) | list }}", "`safe_range`"),
     "own-error": ("{{ 1 / 0 }}", "ZeroDivisionError"),
 }
@@ -89,6 +91,7 @@ def test_bounded_rendering_keeps_what_templates_legitimately_do() -> None:
         "{% set t = 'x' %}{{ t.replace('x', 'y') }}{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}\n"
     )
     assert render(template, "P", {"input": "big world"}) == "P [BIG1/2][WORLD2/2]big world! 1,2 a-3 --- 1024ya=1\n"
+    assert render("{{ '%d' | format(10 ** 12) }} {{ '{:>5}'.format(7) }}", "", {}) == "1000000000000     7"
     near = "{{ 'a' * 1000000 }}"  # under the limit
     assert len(render(near, "", {})) == 1_000_000
 
