@@ -38,10 +38,18 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	  || echo "warning: could not install chromium; the browser test will be skipped"; }
 
+# Fit instruction, demonstrations and label prior on MPQA, then score the test split with the
+# fit's starting parameters (checkpoint 0) and its best ones, printed side by side.
+DEMO_SPEC := specs/dln1-mpqa-demos.yaml
 demo: install
-	$(BIN)/dlngraph compile specs/dln1-mpqa.yaml
-	$(BIN)/dlngraph fit specs/dln1-mpqa.yaml --out runs/demo
-	$(BIN)/dlngraph eval specs/dln1-mpqa.yaml --checkpoint runs/demo/best.yaml --split test
+	$(BIN)/dlngraph compile $(DEMO_SPEC)
+	rm -rf runs/demo
+	$(BIN)/dlngraph fit $(DEMO_SPEC) --out runs/demo
+	$(BIN)/dlngraph eval $(DEMO_SPEC) --checkpoint runs/demo/checkpoints/iter-0000.yaml --split test --out runs/demo/test-initial.jsonl
+	$(BIN)/dlngraph eval $(DEMO_SPEC) --checkpoint runs/demo/best.yaml --split test --out runs/demo/test-fitted.jsonl
+	@$(BIN)/python -c 'import json; acc = lambda w: [json.loads(l)["correct"] for l in open(f"runs/demo/test-{w}.jsonl")]; \
+	  i, f = acc("initial"), acc("fitted"); \
+	  print(f"test accuracy  initial {sum(i)/len(i):.3f} ({sum(i)}/{len(i)})  ->  fitted {sum(f)/len(f):.3f} ({sum(f)}/{len(f)})")'
 
 # NO_MKDOCS_2_WARNING: mkdocs-material prints a banner about its successor on every build.
 test: install-test

@@ -152,7 +152,7 @@ class _Sizes:
         """Candidates a trainable layer scores per step (see the module docstring)."""
         train = self.spec.train
         shown = getattr(d.spec, "demos", None)
-        searched = shown is not None and shown.search and shown.examples is None
+        searched = shown is not None and shown.search
         return train.prompt_proposals + train.memory + (train.demo_candidates if searched else 0)
 
     def calibration(self, d: NodeData) -> tuple[BatchedCall, ...]:

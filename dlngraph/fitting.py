@@ -89,13 +89,15 @@ def fit(
 
 
 def export(spec_path: str | Path, checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the spec with the checkpoint's prompts in place of the nodes' `prompt:`.
+    """Write the spec with the checkpoint's learned parameters in place: the nodes'
+    `prompt:`, their demonstrations as fixed `demos.examples` and their fitted
+    label priors as `calibration_bias`.
 
-    The spec is re-read as plain YAML and only `nodes.<name>.prompt` values are
-    replaced, so everything else (data paths, comments aside) stays as written;
-    data paths are made absolute when the output lives elsewhere, so it compiles.
+    The spec is re-read as plain YAML and only those values are replaced, so
+    everything else (data paths, comments aside) stays as written; data paths
+    are made absolute when the output lives elsewhere, so it compiles.
     """
-    from dlngraph.runner import load_checkpoint
+    from dlngraph.runner import load_checkpoint, load_learned
     from dlngraph.runtime.files import write_yaml
 
     spec_path, out = Path(spec_path), Path(out)
@@ -107,6 +109,13 @@ def export(spec_path: str | Path, checkpoint: str | Path, out: str | Path) -> Pa
         raise RuntimeFailure(f"checkpoint {checkpoint} has prompts for unknown node(s) {', '.join(unknown)}")
     for name, prompt in sorted(prompts.items()):
         nodes[name]["prompt"] = prompt
+    learned = load_learned(checkpoint)
+    for name, shown in sorted(learned["demos"].items()):
+        if name in nodes and isinstance(nodes[name].get("demos"), dict):
+            nodes[name]["demos"]["examples"] = shown
+    for name, prior in sorted(learned["calibration"].items()):
+        if name in nodes:
+            nodes[name]["calibration_bias"] = prior
     if out.resolve().parent != spec_path.resolve().parent:
         for split, path in (data.get("data") or {}).items():
             data["data"][split] = str((spec_path.resolve().parent / path).resolve())

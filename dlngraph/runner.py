@@ -3,8 +3,9 @@
 `run(spec, examples)` returns every node's output per example;
 `evaluate(spec, split)` scores the output nodes against the split's targets
 and can write predictions as JSONL. Both open the spec's backends behind the
-response cache unless told otherwise, and apply learned prompts from a
-checkpoint (YAML with a top-level `prompts: {node: prompt}` mapping).
+response cache unless told otherwise, and apply the learned parameters of a
+checkpoint (YAML with a top-level `prompts: {node: prompt}` mapping, and
+`demos:` / `calibration:` mappings for layers that learn them).
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def _prompts(checkpoint: str | Path | None, prompts: Mapping[str, str] | None) -
     return merged
 
 
+def load_learned(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """A checkpoint's other learned parameters, as `Executor` keywords: `demos`
+    ({node: [demonstration]}) and `calibration` ({node: {label: prior}}); none for no checkpoint."""
+    data = load_yaml(Path(path)) if path is not None else {}
+    return {key: dict((data.get(key) or {}) if isinstance(data, dict) else {}) for key in ("demos", "calibration")}
+
+
 def _run_dir(checkpoint: str | Path | None) -> Path | None:
     """A checkpoint's directory also holds the run's Deep-Thinking states."""
     return Path(checkpoint).parent if checkpoint is not None else None
@@ -108,7 +116,10 @@ def run(
         if backends is None:
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
             stack.callback(_close_all, backends)
-        result = Executor(plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint)).run(examples)
+        executor = Executor(
+            plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint), **load_learned(checkpoint)
+        )
+        result = executor.run(examples)
     return [result.outputs(i) for i in range(len(examples))]
 
 
@@ -150,7 +161,9 @@ def evaluate(
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
             stack.callback(_close_all, backends)
         before = {name: b.usage.copy() for name, b in backends.items()}
-        executor = Executor(plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint))
+        executor = Executor(
+            plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint), **load_learned(checkpoint)
+        )
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             result = executor.run(batch)

@@ -171,7 +171,7 @@ class LayerDemos(_Model):
     separator: str = Field("\n\n", description="text between two rendered demonstrations")
     search: bool = Field(True, description="let `dlngraph fit` change the demonstrations")
     examples: list[dict[str, str]] | None = Field(
-        None, description="fixed demonstrations (inputs and `label`) instead of a draw from train; set by export"
+        None, description="the starting demonstrations (inputs and `label`) instead of a draw from train; set by export"
     )
 
 

@@ -147,9 +147,11 @@ class DLNSearch:
         """Demonstration sets to try with the current instruction: balanced redraw,
         bootstrapped (correct batch examples first), one swap, in turn."""
         spec = trainer.plan.spec.nodes[name].demos  # type: ignore[union-attr]
-        if spec is None or not spec.search or spec.examples is not None:
+        if spec is None or not spec.search:
             return []
         everything = trainer.demo_pool(name)
+        if not everything:  # a node without labels keeps its given demonstrations
+            return []
         shown = self.batch_demos(trainer, name, state)
         outputs = state.result.records[name].outputs
         correct = [d for d, out, t in zip(shown, outputs, state.targets[name]) if out.strip() == t.strip()]

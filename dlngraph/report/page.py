@@ -198,6 +198,34 @@ def _posterior_example(record: dict[str, Any]) -> str:
     )
 
 
+def _section_learned(run: RunRecord) -> str:
+    """The best parameters besides the prompts: each layer's demonstrations and fitted label prior."""
+    shown, priors = run.best.get("demos") or {}, run.best.get("calibration") or {}
+    blocks = []
+    for node in _node_order(run):
+        parts = []
+        if node in priors:
+            cells = "".join(
+                f"<tr><td>{escape(str(label))}</td><td class=\"num\">{float(value):.3f}</td></tr>"
+                for label, value in sorted(priors[node].items())
+            )
+            parts.append(
+                '<p class="muted">label prior divided out of the choice scores (mean log-prob):</p>'
+                f'<table class="prior"><tr><th>label</th><th>prior</th></tr>{cells}</table>'
+            )
+        if node in shown:
+            items = "".join(
+                f'<li><div class="prompt">{escape(chr(10).join(f"{k}: {v}" for k, v in sorted(d.items())))}</div></li>'
+                for d in shown[node]
+            )
+            parts.append(f'<p class="muted">{len(shown[node])} demonstrations (from train):</p><ol class="demos">{items}</ol>')
+        if parts:
+            blocks.append(f'<h3 data-node="{escape(node)}">{escape(node)}</h3>{"".join(parts)}')
+    if not blocks:
+        return ""
+    return f'<section id="learned"><h2>Demonstrations and calibration</h2>{"".join(blocks)}</section>'
+
+
 def _section_posteriors(run: RunRecord) -> str:
     blocks = []
     for node in _node_order(run):
@@ -282,6 +310,7 @@ SECTIONS = (
     ("network", "Network", _section_network),
     ("curves", "Curves", _section_curves),
     ("prompts", "Prompts", _section_prompts),
+    ("learned", "Demos", _section_learned),
     ("posteriors", "Posteriors", _section_posteriors),
     ("flips", "Changed predictions", _section_flips),
     ("usage", "Usage", _section_usage),
