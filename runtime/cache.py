@@ -271,6 +271,9 @@ class MemoryCache:
         with self._lock:
             self._entries.update(items)
 
+    def close(self) -> None:
+        """Nothing to release; the memo goes with the run."""
+
 
 def _encode(result: Generation | Score) -> str:
     return json.dumps(dataclasses.asdict(result), sort_keys=True)
@@ -349,4 +352,6 @@ class CachedBackend:
         return [answers[k] for k in keys]
 
     def close(self) -> None:
+        # The store may be shared by several backends: Cache reconnects on its next use.
         self.inner.close()
+        self.cache.close()

@@ -126,6 +126,19 @@ def test_cache_stats_and_clear(tmp_path: Path, cache_dir: Path, capsys: pytest.C
     assert ": 0 entries" in invoke(capsys, "cache", "stats", "--cache", cache_dir)[1]
 
 
+def test_a_damaged_cache_is_set_aside_and_the_run_goes_on(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write_spec(tmp_path)
+    example = json.dumps({"input": "Fine."})
+    assert invoke(capsys, "run", spec, "--input", example, "--cache", cache_dir)[0] == 0
+    path = cache_dir / "cache.sqlite"
+    path.write_bytes(b"overwritten by something else\n" * 200)
+    code, out, err = invoke(capsys, "run", spec, "--input", example, "--cache", cache_dir, "--json")
+    assert code == 0 and json.loads(out)["outputs"] == {"sentiment": "positive"}
+    [aside] = cache_dir.glob("cache.sqlite.corrupt-*")
+    assert f"the response cache {path} is damaged" in err and str(aside) in err and "Traceback" not in err
+    assert ": 2 entries" in invoke(capsys, "cache", "stats", "--cache", cache_dir)[1]  # rebuilt and refilled
+
+
 def assert_clean_failure(result: tuple[int, str, str], *needles: str) -> None:
     code, out, err = result
     assert code != 0
