@@ -42,6 +42,9 @@ class TorchBackendSpec(_Model):
     batch_size: int | None = Field(
         None, ge=1, description="examples per forward pass; omit: 16 on CPU, sized to free GPU memory on CUDA"
     )
+    compile: bool = Field(
+        True, description="on CUDA, decode with a static KV cache and CUDA graphs (torch.compile); eager elsewhere"
+    )
 
 
 class Deployment(_Model):

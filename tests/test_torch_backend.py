@@ -136,3 +136,70 @@ def test_directory_that_is_not_a_causal_lm_is_a_clear_error(tmp_path: Path) -> N
     backend = TorchBackend(TorchBackendSpec(model=str(tmp_path)))
     with pytest.raises(RuntimeFailure, match="could not load a causal language model"):
         backend.score([ScoreRequest(prompt="a", continuation="b")])
+
+
+def test_static_cache_decoding_gives_the_dynamic_paths_samples(device_backend: TorchBackend) -> None:
+    """The static-cache decoder (eager here; CUDA graphs compile the same steps
+    on a GPU) generates exactly what the growing dynamic cache does."""
+    from dlngraph.runtime.backends.static_decode import StaticDecoder
+
+    requests = [
+        GenerateRequest("Once upon a time, a small robot", max_tokens=10, temperature=0.9, seed=3, n=2),
+        GenerateRequest("Three fruits:\n1. apple\n2.", max_tokens=12, stop=("\n",)),
+        GenerateRequest("Name a colour:", max_tokens=5),
+    ]
+    dynamic = TorchBackend(TorchBackendSpec(device=device_backend.device.type, compile=False, batch_size=8))
+    expected = dynamic.generate(requests)
+    static = TorchBackend(TorchBackendSpec(device=device_backend.device.type, compile=False, batch_size=8))
+    static._decoder = StaticDecoder(static.model, compiled=False)
+    assert static.generate(requests) == expected
+    greedy = [GenerateRequest("Count: one, two, three,", max_tokens=6), GenerateRequest("The sky is", max_tokens=4)]
+    assert static.generate(greedy) == dynamic.generate(greedy)
+
+
+@pytest.mark.cuda
+def test_compiled_decoding_on_cuda_matches_eager(device: str) -> None:
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    requests = [GenerateRequest("Count: one, two, three,", max_tokens=8), GenerateRequest("The sky is", max_tokens=8)]
+    eager = TorchBackend(TorchBackendSpec(device="cuda", compile=False)).generate(requests)
+    compiled = TorchBackend(TorchBackendSpec(device="cuda"))
+    assert compiled._static_decoder() is not None
+    out = compiled.generate(requests)
+    assert not compiled._compile_failed, "torch.compile failed; see the log"
+    # bf16 arithmetic differs between fused (compiled) and eager kernels: same
+    # lengths and a shared start, not bit-identical greedy text.
+    for a, b in zip(out, eager):
+        assert a.completion_tokens == b.completion_tokens and a.texts[0][:8] == b.texts[0][:8]
+
+
+def test_no_deprecation_warnings_from_our_model_calls(torch_backend: TorchBackend) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        torch_backend.score([ScoreRequest(prompt="Review: Fine.\nSentiment:", continuation=" positive", prefix=INSTRUCTION)])
+        torch_backend.generate([GenerateRequest("Hello", max_tokens=2)])
+
+
+def test_dtype_and_batch_size_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlngraph.runtime.backends import torch_backend as module
+
+    assert module.resolve_dtype("auto", "cpu") == "float32"
+    assert module.resolve_dtype("auto", "cuda") == "bfloat16"
+    assert module.resolve_dtype("float16", "cuda") == "float16"
+    cpu = TorchBackend(TorchBackendSpec(device="cpu"))
+    assert cpu.identity.endswith("|float32|plain")
+    assert cpu.rows_per_batch(100) == module.CPU_BATCH
+    assert TorchBackend(TorchBackendSpec(device="cpu", batch_size=3)).rows_per_batch(100) == 3
+    # On CUDA the batch follows free memory: pretend the model sits on a GPU.
+    monkeypatch.setattr(TorchBackend, "device", property(lambda self: torch.device("cuda")))
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2 * free["bytes"]))
+    per_row = cpu._bytes_per_row(200)
+    free["bytes"] = 40 * per_row * 2  # half of it holds 40 rows of 200 tokens
+    assert cpu.rows_per_batch(200) == 40
+    assert cpu.rows_per_batch(800) == module.CPU_BATCH  # longer rows: fewer fit, never below the CPU batch
+    free["bytes"] = 10_000 * per_row
+    assert cpu.rows_per_batch(200) == module.GPU_MAX_BATCH

@@ -33,6 +33,7 @@ from dlngraph.runtime.backends.base import (
     Score,
     ScoreRequest,
 )
+from dlngraph.runtime.backends.static_decode import StaticDecoder
 from dlngraph.runtime.kv_state import forward_with_cache
 from dlngraph.runtime.models import ModelSource, load_causal_lm, pick_device
 from dlngraph.spec import TorchBackendSpec
@@ -89,6 +90,8 @@ class TorchBackend(BackendBase):
         mode = "chat" if self.spec.chat else "plain"
         self.identity = f"{self.source.identity}|{self.dtype_name}|{mode}"
         self._loaded: tuple[Any, Any] | None = None
+        self._decoder: StaticDecoder | None = None
+        self._compile_failed = False
 
     # ------------------------------------------------------------------ model
 
@@ -304,7 +307,7 @@ class TorchBackend(BackendBase):
         longest = max(len(p) + r.max_tokens for p, r in zip(prompts, requests))
         with torch.inference_mode():
             for chunk in chunks(samples, self.rows_per_batch(longest)):
-                texts.update(self._generate_rows(chunk, requests, prompts))
+                texts.update(self._decode(chunk, requests, prompts))
         results = []
         for i, r in enumerate(requests):
             outs = [texts[(i, k)] for k in range(r.n)]
@@ -322,16 +325,36 @@ class TorchBackend(BackendBase):
         self.usage.seconds += time.perf_counter() - started
         return results
 
+    def _decode(
+        self, rows: Sequence[tuple[int, int]], requests: list[GenerateRequest], prompts: list[tuple[int, ...]]
+    ) -> dict[tuple[int, int], tuple[str, int]]:
+        decoder = self._static_decoder()
+        if decoder is None or not decoder.compiled:
+            return self._generate_rows(rows, requests, prompts, decoder)
+        try:
+            return self._generate_rows(rows, requests, prompts, decoder)
+        except Exception as exc:  # noqa: BLE001 - torch.compile fails in many ways (no triton, old driver, ...)
+            log.warning("compiled decoding failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
+            self._compile_failed = True
+            self._decoder = None
+            return self._generate_rows(rows, requests, prompts, None)
+
     def _generate_rows(
         self,
         rows: Sequence[tuple[int, int]],
         requests: list[GenerateRequest],
         prompts: list[tuple[int, ...]],
+        decoder: StaticDecoder | None,
     ) -> dict[tuple[int, int], tuple[str, int]]:
         """Decode a left-padded batch token by token. Rows sharing a prompt (the
         samples of a request, the K posterior samples of an example) prefill it once;
         its cache is copied to each of them. Each sampled row has its own seeded
-        generator, so its sample does not depend on the batch around it."""
+        generator, so its sample does not depend on the batch around it.
+
+        With a `decoder` the steps run over its static cache (CUDA graphs on a
+        GPU); without, over a growing dynamic cache. Greedy batches pick on the
+        device and copy back one id per row instead of every log-prob; text is
+        decoded per step only for requests with stop sequences."""
         reqs = [requests[i] for i, _ in rows]
         distinct = sorted({prompts[i] for i, _ in rows})
         ids, mask = self._pad(distinct, left=True)
@@ -339,36 +362,61 @@ class TorchBackend(BackendBase):
         hidden, cache = self._hidden(ids, mask, positions, None)
         row_of = {prompt: n for n, prompt in enumerate(distinct)}
         expand = torch.tensor([row_of[prompts[i]] for i, _ in rows])
-        cache = select_cache(cache, expand.to(self.device))
         mask, positions = mask[expand], positions[expand]
-        logprobs = self._logprobs(hidden[:, -1]).cpu()[expand]
+        logprobs = self._logprobs(hidden[:, -1])[expand.to(hidden.device)]
+        steps = max(r.max_tokens for r in reqs)
+        if decoder is not None:
+            advance = decoder.session(cache, expand, mask, steps).step
+        else:
+            cache = select_cache(cache, expand.to(self.device))
+
+            def advance(tokens: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+                nonlocal mask, cache
+                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+                hidden, cache = self._hidden(tokens[:, None], mask, at, cache)
+                return self._logprobs(hidden[:, -1])
+
         generators = [
             torch.Generator().manual_seed((r.seed * 1_000_003 + k) % (1 << 63)) for r, (_, k) in zip(reqs, rows)
         ]
+        greedy = all(r.temperature <= 0 for r in reqs)
         eos = self.tokenizer.eos_token_id
         produced: list[list[int]] = [[] for _ in rows]
-        texts = ["" for _ in rows]
+        texts: list[str | None] = [None for _ in rows]  # set once a stop sequence cut the text
         done = [False] * len(rows)
-        for _step in range(max(r.max_tokens for r in reqs)):
+        for _step in range(steps):
+            picks = logprobs.argmax(dim=-1).tolist() if greedy else None
+            host = None if greedy else logprobs.cpu()
             step = torch.full((len(rows),), self.tokenizer.pad_token_id, dtype=torch.long)
             for b, r in enumerate(reqs):
                 if done[b]:
                     continue
-                token = _pick(logprobs[b], r, generators[b])
+                token = picks[b] if picks is not None else _pick(host[b], r, generators[b])  # type: ignore[index]
                 step[b] = token
                 if token == eos:
                     done[b] = True
                     continue
                 produced[b].append(token)
-                texts[b], done[b] = _apply_stop(self.tokenizer.decode(produced[b], skip_special_tokens=True), r)
+                if any(r.stop):
+                    cut, hit = _apply_stop(self.tokenizer.decode(produced[b], skip_special_tokens=True), r)
+                    texts[b], done[b] = (cut, True) if hit else (None, False)
                 done[b] = done[b] or len(produced[b]) >= r.max_tokens
             if all(done):
                 break
             positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            hidden, cache = self._hidden(step[:, None], mask, positions, cache)
-            logprobs = self._logprobs(hidden[:, -1]).cpu()
-        return {row: (texts[b], len(produced[b])) for b, row in enumerate(rows)}
+            logprobs = advance(step, positions)
+        return {
+            row: (texts[b] if texts[b] is not None else self.tokenizer.decode(produced[b], skip_special_tokens=True),
+                  len(produced[b]))
+            for b, row in enumerate(rows)
+        }
+
+    def _static_decoder(self) -> StaticDecoder | None:
+        """The compiled static-cache decoder on CUDA when the spec allows it;
+        None elsewhere (CPU decoding gains nothing from it: it is compute-bound)."""
+        if self._decoder is None and self.spec.compile and not self._compile_failed and self.device.type == "cuda":
+            self._decoder = StaticDecoder(self.model, compiled=True)
+        return self._decoder
 
 
 _MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
