@@ -311,6 +311,7 @@ class LiteLLMBackend(BackendBase):
         """Run `jobs` concurrently; the first failure cancels the rest and is raised, as
         a `PartialBatch` holding the replies (by job index) that had arrived."""
         started = time.perf_counter()
+        self.send  # noqa: B018 - build the transport (importing litellm) before any deadline starts
 
         async def gather() -> list[Any]:
             limit = asyncio.Semaphore(self.spec.concurrency)
@@ -486,12 +487,14 @@ def prober(model: str, api_base: str, api_key_env: str | None, deadline: float) 
 def probe_backend(spec: LiteLLMBackendSpec, *, timeout: float | None = None) -> frozenset[Capability]:
     """What the endpoints of `spec` support, every request within `timeout` seconds
     together (default: the spec's own `timeout`)."""
+    import_litellm()  # seconds on a loaded machine, and not time spent waiting for the endpoint
     deadline = time.monotonic() + (spec.timeout if timeout is None else timeout)
     return probe.probe_endpoints(spec, prober, deadline=deadline)
 
 
 def probe_endpoint(model: str, api_base: str, api_key_env: str | None, *, timeout: float = 30.0) -> probe.Probe:
     """Probe one endpoint (or read its result from disk) within `timeout` seconds."""
+    import_litellm()
     return probe.check_endpoint(model, api_base, api_key_env, prober, deadline=time.monotonic() + timeout)
 
 
@@ -502,13 +505,16 @@ def probing_resolver(timeout: float) -> Callable[[str, Any], frozenset[Capabilit
     answer in time keeps the declaration, with a warning."""
     from dlngraph.compiler.capabilities import declared_capabilities
 
-    deadline = time.monotonic() + timeout
+    deadlines: list[float] = []  # set at the first probe, after litellm is imported
 
     def resolve(backend_name: str, backend_spec: Any) -> frozenset[Capability]:
         if not isinstance(backend_spec, LiteLLMBackendSpec) or backend_spec.capabilities is not None:
             return declared_capabilities(backend_name, backend_spec)
+        if not deadlines:
+            import_litellm()
+            deadlines.append(time.monotonic() + timeout)
         try:
-            return probe.probe_endpoints(backend_spec, prober, deadline=deadline)
+            return probe.probe_endpoints(backend_spec, prober, deadline=deadlines[0])
         except RuntimeFailure as exc:
             log.warning("backend %s: could not probe its endpoint (%s); using declared capabilities", backend_name,
                         str(exc).splitlines()[0])
