@@ -5,7 +5,7 @@ The layer owns both halves, as the authors' code does them:
 - `think`: let x be the rendered demonstrations (L tokens). Pass 1 is a plain
   forward of x; its key/value cache is the state (fp32) -- this alone is
   ordinary in-context learning. Each later pass feeds x again with the state
-  as `past_key_values` (mask all ones over 2L, positions L..2L-1, so RoPE
+  as the past cache (mask all ones over 2L, positions L..2L-1, so RoPE
   models see the demonstrations shifted, as in the authors' code), takes the
   last L positions of the returned cache as (K_new, V_new) and moves the state
   with momentum: g = new - state; m = g on the first update, else
@@ -18,6 +18,31 @@ The layer owns both halves, as the authors' code does them:
 - `select_steps`: T is chosen on dev data (never test) in ONE thinking run,
   evaluating the state after each pass 1..max_steps; the best accuracy wins
   (ties: higher mean log-prob of the target, then smaller T).
+- `calibration` (contextual / batch): the decisions read the choice scores
+  with the label prior divided out (`dlngraph.runtime.calibration`, as choice
+  layers do), the prior estimated from the same state, so each T has its own.
+- `changes`: ||eta * m|| / ||state|| and ||new - state|| / ||state|| for K and
+  V per pass: how far thinking moved the state, whatever accuracy did.
+
+Against the authors' code (DAMO-ConvAI deep-thinking `models/meta_optimizer.py`,
+`MomentumOptim` and `AttnOptimWrapper.step`), line by line:
+
+- pass 1, `self.kv is None`: a plain forward of the demonstrations, the cache
+  kept as the state -- same.
+- later passes: `mask.repeat(1, 2)` over [state | x], positions left to the
+  model (L..2L-1 for GPT-2/OPT/Llama with a past of length L) -- same; we pass
+  the positions explicitly so it holds for any model.
+- `cur_kv = layer_k[:, :, -L:]` (and V) -- same (`length:` of a 2L cache).
+- `pesudo_gs = new_x - old_x`; `self.m = g` if `not self.m` else
+  `g + momentum * old_m`; `old_x + step_size * m`, separate optimizers for K
+  and V -- same (one momentum list holds K then V; the arithmetic is per tensor).
+- defaults `step_size=0.01`, `momentum=0.9` -- same spec defaults.
+- state precision: theirs stays in the model's dtype (fp32 for their GPT-2/OPT
+  runs, fp16 for LLaMA); ours is fp32 whatever the model's dtype and is cast
+  for each forward, so in bf16 small steps are not rounded away (a deliberate
+  difference: DEEP_THINKING.md's precision pitfall).
+- test: theirs scores each choice after the tuned cache and takes the argmax
+  -- same; their drivers print the best pass on *test*, ours selects T on dev.
 
 API for the trainer (`dlngraph fit`) and for `eval` / `run`:
 
@@ -188,23 +213,28 @@ class DeepThinkingLayer:
             parts.append(render(self.spec.demo_template, "", {**demo, "label": demo[label]}, node=self.name))
         return "".join(p + DEMO_SEPARATOR for p in parts)
 
-    def dev_data(self) -> tuple[list[Row], list[str]]:
+    def split_rows(self, split: str, fields: Sequence[str], limit: int | None, purpose: str, hint: str) -> list[Row]:
+        """Rows of a data split, for `purpose`; the split holds only the dataset's
+        fields, so a node fed by upstream nodes cannot use it directly."""
         if self.node.parents:
             raise RuntimeFailure(
-                "selecting T on dev needs the outputs of the upstream node(s) "
-                f"{', '.join(self.node.parents)}",
+                f"{purpose} needs the outputs of the upstream node(s) {', '.join(self.node.parents)}",
                 node=self.name,
-                hint="pass dev rows to prepare() (dlngraph fit does), or fix `steps` in the spec",
+                hint=hint,
             )
-        path = self.data_paths.get("dev")
+        path = self.data_paths.get(split)
         if path is None:
             raise RuntimeFailure(
-                "selecting T on dev needs a dev split",
-                node=self.name,
-                hint="add `data.dev` to the spec, or fix `steps`",
+                f"{purpose} needs the {split} split", node=self.name, hint=f"add `data.{split}` to the spec, or {hint}"
             )
+        return read_jsonl(Path(path), list(fields), limit=limit)
+
+    def dev_data(self) -> tuple[list[Row], list[str]]:
         target = self.node.target or self.spec.label_field
-        examples = read_jsonl(Path(path), [*self.node.inputs, target], limit=self.dev_size)
+        examples = self.split_rows(
+            "dev", [*self.node.inputs, target], self.dev_size, "selecting T on dev",
+            "pass dev rows to prepare() (dlngraph fit does), or fix `steps` in the spec",
+        )
         return [{f: e[f] for f in self.node.inputs} for e in examples], [e[target] for e in examples]
 
     # ------------------------------------------------------------------ think
@@ -388,21 +418,9 @@ class DeepThinkingLayer:
 
     def calibration_rows(self) -> list[Row]:
         """Unlabeled train inputs for batch calibration (never dev or test)."""
-        if self.node.parents:
-            raise RuntimeFailure(
-                "batch calibration needs train inputs, which here depend on the upstream node(s) "
-                f"{', '.join(self.node.parents)}",
-                node=self.name,
-                hint="use `calibration: contextual` on this node",
-            )
-        path = self.data_paths.get("train")
-        if path is None:
-            raise RuntimeFailure(
-                "batch calibration needs the train split's inputs",
-                node=self.name,
-                hint="add `data.train` to the spec, or use `calibration: contextual`",
-            )
-        examples = read_jsonl(Path(path), list(self.node.inputs), limit=self.calibration_size)
+        examples = self.split_rows(
+            "train", self.node.inputs, self.calibration_size, "batch calibration", "use `calibration: contextual`"
+        )
         return [{f: e[f] for f in self.node.inputs} for e in examples]
 
     def target_logprobs(self, rows: Sequence[Row], targets: Sequence[str]) -> list[float]:
