@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,28 +29,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the silent server lives with the tests
+from servers import SilentServer  # noqa: E402
+
 KEY_ENV = "HUNG_SERVER_BENCH_KEY"
-
-
-class SilentServer:
-    """Accepts TCP connections and never sends a byte; counts what it accepted."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted.append(conn)
 
 
 @dataclass(frozen=True)
@@ -85,22 +65,17 @@ BASELINE = "from dlngraph.runtime.backends.litellm_backend import import_litellm
 def measure(version: str, tree: Path, args: list[str], server: SilentServer, home: Path) -> Row:
     env = {**os.environ, KEY_ENV: "sk-bench", "PYTHONPATH": str(tree), "DLNGRAPH_CACHE_DIR": str(home)}
     argv = ["-c", BASELINE] if args == ["baseline"] else ["-m", "dlngraph", *args]
-    before = len(server.accepted)
+    before = len(server.connections)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=tree)
     seconds = time.perf_counter() - started
     label = "baseline: import litellm" if args == ["baseline"] else " ".join(args[:1] + args[2:])
-    return Row(version, label, done.returncode, seconds, len(server.accepted) - before)
+    return Row(version, label, done.returncode, seconds, len(server.connections) - before)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=3.0, help="the backend's `timeout` (seconds)")
-    parser.add_argument("--old", type=Path, help="a source tree of another version to run side by side")
-    args = parser.parse_args()
-    server = SilentServer()
+def run_all(server: SilentServer, args: argparse.Namespace) -> list[Row]:
     trees = [("this", ROOT)] + ([("old", args.old.resolve())] if args.old else [])
-    rows = []
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         spec = write_spec(Path(tmp), server.api_base, args.timeout)
         commands = [
@@ -115,6 +90,16 @@ def main() -> None:
                     continue  # the old compile always probes: its plain `compile` row is that case
                 home = Path(tmp) / f"cache-{version}-{len(rows)}"  # no probe result carried over
                 rows.append(measure(version, tree, command, server, home))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=3.0, help="the backend's `timeout` (seconds)")
+    parser.add_argument("--old", type=Path, help="a source tree of another version to run side by side")
+    args = parser.parse_args()
+    with SilentServer() as server:
+        rows = run_all(server, args)
     print(f"backend timeout T = {args.timeout:g} s, max_retries 3; load average {os.getloadavg()[0]:.2f}")
     print(f"{'version':<8} {'command':<44} {'exit':>4} {'seconds':>8} {'x T':>6} {'(s-base) x T':>12} {'connections':>11}")
     base = {r.version: r.seconds for r in rows if r.command.startswith("baseline")}

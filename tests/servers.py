@@ -1,5 +1,7 @@
 """Real OpenAI-compatible servers for the litellm tests: llama.cpp's server
-(`llama-cpp-python[server]`) serving the embedded SmolLM2 GGUF on 127.0.0.1.
+(`llama-cpp-python[server]`) serving the embedded SmolLM2 GGUF on 127.0.0.1;
+and `SilentServer`, a socket that accepts connections and never answers (a
+hung server, for timeouts).
 
 `LlamaServer` starts one on a free port (or a given one, to restart it in
 place), waits until `/v1/models` answers (bounded), and always stops it: the
@@ -18,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -128,3 +131,34 @@ def llama_servers(log_dir: Path, count: int = 1, threads: int = 1) -> Iterator[l
     finally:
         for server in servers:
             server.stop()
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never sends a byte; `connections`
+    holds every one it accepted (closed on exit)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed: the caller is done
+                return
+            self.connections.append(conn)
+
+    def __enter__(self) -> "SilentServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()

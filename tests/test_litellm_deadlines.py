@@ -7,8 +7,6 @@ socket (accepts, never answers) and the scripted one in fake_openai.py."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,38 +22,9 @@ from dlngraph.spec import LiteLLMBackendSpec
 
 from cli_runner import invoke
 from fake_openai import FakeOpenAI
+from servers import SilentServer
 
 KEY_ENV = "DLNGRAPH_TEST_DEADLINE_KEY"
-
-
-class SilentServer:
-    """Accepts TCP connections on 127.0.0.1 and never sends a byte."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.connections: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed: the test is over
-                return
-            self.connections.append(conn)
-
-    def __enter__(self) -> "SilentServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
 
 
 @pytest.fixture(autouse=True)
