@@ -221,3 +221,12 @@ train: {{iterations: 2, batch_size: 4, prompt_proposals: 1, memory: 1, calibrati
     metrics = run.read(run.metrics)
     assert result.best["dev_acc"] > metrics[0]["dev_acc"]
     assert result.best["demos"]["answer"] != start
+
+
+def test_next_token_scores_sum_the_spellings_of_a_label() -> None:
+    from dlngraph.runtime.backends.replies import choice_logprob
+
+    top = {" negative": math.log(0.3), "negative": math.log(0.1), " Negative": math.log(0.05), " positive": math.log(0.2)}
+    assert choice_logprob(top, " negative") == pytest.approx(math.log(0.45))
+    assert choice_logprob(top, " positive") == pytest.approx(math.log(0.2))
+    assert choice_logprob(top, " neutral") <= math.log(0.05)  # unlisted: bounded by the least likely listed

@@ -33,10 +33,15 @@ def top_alternatives(response: Any) -> dict[str, float]:
 
 
 def choice_logprob(alternatives: dict[str, float], choice: str) -> float:
-    """log p(choice) when it is among the alternatives, else an upper bound on it:
-    no more than the least likely listed token, nor than the unlisted mass."""
-    if choice in alternatives:
-        return alternatives[choice]
+    """log p(choice): the summed probability of its spellings among the alternatives
+    (with or without a leading space, any capitalisation, as the DLN reference sums
+    its verbalizers), else an upper bound on it: no more than the least likely
+    listed token, nor than the unlisted mass."""
+    key = choice.strip().lower()
+    spellings = [v for token, v in alternatives.items() if token.strip() and token.strip().lower() == key]
+    if spellings:
+        top = max(spellings)
+        return top + math.log(sum(math.exp(v - top) for v in spellings))
     rest = 1.0 - sum(math.exp(v) for v in alternatives.values())
     bound = math.log(max(rest, 1e-12))
     return min([bound, *alternatives.values()])
