@@ -11,9 +11,11 @@ iterations after its last checkpoint (a run killed between writing metrics and
 its checkpoint repeats that iteration), so every line appears exactly once.
 
 A writer (`create`, `open`) holds an exclusive `flock` on `.lock`, which names
-its pid, until `close` (or its process ends): a second fit or resume of the
-same directory stops with an error naming the holder instead of interleaving
-its lines with the first one's. Readers (`RunDir(path)`) take no lock.
+its pid, until `close` (or its process ends): a fit or resume of the same
+directory in another process stops with an error naming the holder instead of
+interleaving its lines with the first one's. Writers in one process share the
+lock (a program that resumes a run it created itself, before closing it).
+Readers (`RunDir(path)`) take no lock.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,6 +36,10 @@ from dlngraph.runtime.files import append_jsonl, read_jsonl, write_atomic, write
 
 PREDICTION_SETS = ("initial", "best")
 
+# This process's run-directory locks: lock file -> (its open handle, how many RunDirs hold it).
+_HELD: dict[Path, tuple[IO[str], int]] = {}
+_HELD_GUARD = threading.Lock()
+
 
 def default_path(name: str, root: Path = Path("runs")) -> Path:
     return root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -41,7 +48,7 @@ def default_path(name: str, root: Path = Path("runs")) -> Path:
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock: IO[str] | None = None
+        self._locked: Path | None = None  # the key in _HELD while this RunDir holds the lock
 
     # ------------------------------------------------------------ file names
 
@@ -134,28 +141,45 @@ class RunDir:
 
     def lock(self) -> None:
         """Take the writer's lock, or fail naming the process that holds it."""
-        handle = self.lock_file.open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read(64).strip() or "unknown"
-            handle.close()
-            raise RuntimeFailure(
-                f"run directory {self.path} is in use by another dlngraph process (pid {holder})",
-                hint="wait for that fit to finish or stop it; two fits on one run directory would "
-                "write the same checkpoints and logs",
-            ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock = handle
+        if self._locked is not None:
+            return
+        key = self.lock_file.resolve()
+        with _HELD_GUARD:
+            if key in _HELD:
+                handle, holders = _HELD[key]
+                _HELD[key] = (handle, holders + 1)
+                self._locked = key
+                return
+            handle = self.lock_file.open("a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read(64).strip() or "unknown"
+                handle.close()
+                raise RuntimeFailure(
+                    f"run directory {self.path} is in use by another dlngraph process (pid {holder})",
+                    hint="wait for that fit to finish or stop it; two fits on one run directory would "
+                    "write the same checkpoints and logs",
+                ) from None
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            _HELD[key] = (handle, 1)
+            self._locked = key
 
     def close(self) -> None:
         """Release the writer's lock (the lock file stays; only the lock counts)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        if self._locked is None:
+            return
+        with _HELD_GUARD:
+            handle, holders = _HELD[self._locked]
+            if holders == 1:
+                handle.close()
+                del _HELD[self._locked]
+            else:
+                _HELD[self._locked] = (handle, holders - 1)
+        self._locked = None
 
     def __enter__(self) -> "RunDir":
         return self

@@ -95,3 +95,14 @@ def test_the_report_reads_the_files_the_writer_names(run_dir: Path) -> None:
     assert [c["iteration"] for c in record.checkpoints] == [1]
     assert record.best["prompts"] == {"sentiment": "p"}
     assert [r["index"] for r in record.predictions["best"]] == [0, 1] and record.predictions["initial"] == []
+
+
+def test_writers_in_one_process_share_the_lock_until_the_last_closes(run_dir: Path) -> None:
+    first = RunDir.open(run_dir)
+    second = RunDir.open(run_dir)  # this process resuming a run it still holds
+    first.close()
+    code = f"from dlngraph.runtime.rundir import RunDir; RunDir.open({str(run_dir)!r})"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode == 1 and f"pid {os.getpid()}" in other.stderr  # still held by `second`
+    second.close()
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
