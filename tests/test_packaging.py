@@ -9,6 +9,7 @@ whole tree, and every dependency installed here is the version
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -39,6 +40,18 @@ def _without_site(*path: Path, cwd: Path) -> str:
 def test_the_checkout_imports_without_an_install(tmp_path: Path) -> None:
     where = _without_site(ROOT, cwd=tmp_path)
     assert where == str(ROOT / "dlngraph" / "runtime" / "backends" / "registry.py")
+
+
+def test_no_module_imports_the_top_level_folders_by_name() -> None:
+    """`import compiler` works only in a checkout: an installed dlngraph has no such package."""
+    top_level = re.compile(r"^\s*(from|import)\s+(compiler|runtime)\b", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("dlngraph", "compiler", "runtime", "tests", "benchmarks")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if top_level.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
 
 
 def test_a_wheel_holds_the_compiler_and_the_runtime(tmp_path: Path) -> None:
