@@ -57,13 +57,13 @@ def compile_plan(spec: SpecLike) -> ExecutionPlan:
 def open_backends(
     plan: ExecutionPlan, *, cache_dir: str | Path | None = None, no_cache: bool = False
 ) -> dict[str, Backend]:
-    """The backends the plan's nodes use, each behind the response cache; with
+    """The backends the plan's nodes (and their proposer) use, each behind the response cache; with
     `no_cache` behind an in-memory one that dedupes within this run only."""
     from dlngraph.runtime.backends.registry import create_backend
     from dlngraph.runtime.cache import Cache, MemoryCache
 
     cache = MemoryCache() if no_cache else Cache(cache_dir)
-    used = sorted({node.backend for node in plan.nodes.values()})
+    used = sorted({node.backend for node in plan.nodes.values()} | {n.proposer for n in plan.nodes.values() if n.proposer})
     return {name: create_backend(name, plan.spec.backends[name], cache=cache) for name in used}
 
 

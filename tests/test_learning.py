@@ -230,3 +230,14 @@ def test_next_token_scores_sum_the_spellings_of_a_label() -> None:
     assert choice_logprob(top, " negative") == pytest.approx(math.log(0.45))
     assert choice_logprob(top, " positive") == pytest.approx(math.log(0.2))
     assert choice_logprob(top, " neutral") <= math.log(0.05)  # unlisted: bounded by the least likely listed
+
+
+def test_demonstrations_sit_in_the_shared_prefix_so_its_kv_cache_is_reused() -> None:
+    from dlngraph.runtime.template import score_request
+
+    template = "{{ prompt }}\n\n{{ demos }}\n\n{{ input }}\nAnswer:"
+    shown = "good\nAnswer: positive\n\nbad\nAnswer: negative"
+    first = score_request(template, "Classify.", {"input": "fine"}, "positive", demos=shown)
+    second = score_request(template, "Classify.", {"input": "awful"}, "negative", demos=shown)
+    assert first.prefix == second.prefix == f"Classify.\n\n{shown}\n\n"
+    assert first.prompt == "fine\nAnswer:" and first.continuation == " positive"
