@@ -95,11 +95,11 @@ def test_probe_ends_within_its_one_deadline(
     import_litellm()  # its import time is not the probe's
     monkeypatch.setenv(KEY_ENV, "sk-present")
     spec = write_spec(tmp_path, silent.api_base)
-    code, out, err, seconds = cli(capsys, "compile", str(spec), "--probe", "--probe-timeout", "1.5")
+    code, out, err, seconds = cli(capsys, "compile", str(spec), "--probe", "--probe-timeout", "4")
     assert code == 0 and out.startswith("plan ") and "Traceback" not in err
     assert "backend api: could not probe its endpoint" in err and "deadline" in err
     assert len(silent.connections) >= 1  # it did ask
-    assert seconds < 1.5 + 1.5, f"probing took {seconds:.1f} s for a 1.5 s deadline"
+    assert seconds < 4 + 4, f"probing took {seconds:.1f} s for a 4 s deadline"  # slack: a loaded machine
 
 
 # --------------------------------------------------------------------------- run time

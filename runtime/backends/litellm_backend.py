@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import threading
 import time
@@ -264,7 +263,8 @@ class LiteLLMBackend(BackendBase):
         return response
 
     def _failure(self, exc: Exception, attempts: int) -> RuntimeFailure:
-        if isinstance(exc, TimeoutError) or time.monotonic() >= (self.deadline or math.inf):
+        timed_out = isinstance(exc, (TimeoutError, import_litellm().Timeout))
+        if timed_out or (self.deadline is not None and time.monotonic() >= self.deadline):
             what = f"no answer within {self.spec.timeout:g} s (the backend's `timeout`, retries included)"
             if self.deadline is not None:
                 what = "no answer before the probe's deadline"
