@@ -31,7 +31,7 @@ FORMAT = "dlngraph-deep-thinking/1"
 
 
 @memoize
-def _cache_keyword(forward: Any) -> str:
+def cache_keyword(forward: Any) -> str:
     """The name a model's forward takes its KV cache by: transformers 5.x renamed
     `past_key_values` to `cache` and warns on the old name (removal in 5.40)."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -54,7 +54,7 @@ def forward_with_cache(
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
         use_cache=True,
-        **{_cache_keyword(type(module).forward): cache},
+        **{cache_keyword(type(module).forward): cache},
         **kwargs,
     )
     return out, cache

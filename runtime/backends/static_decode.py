@@ -20,16 +20,13 @@ is how the CPU tests check it.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from transformers import DynamicCache, StaticCache
 
-from dlngraph.runtime.kv_state import forward_with_cache
-
-log = logging.getLogger(__name__)
+from dlngraph.runtime.kv_state import cache_keyword
 
 BUCKET = 128  # cache lengths are multiples of this: fewer distinct graphs to record
 KEPT_CACHES = 4  # static caches kept for reuse (each shape has its own graph)
@@ -40,12 +37,17 @@ class StaticDecoder:
         self.model = model
         self.compiled = compiled
         self._caches: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
+        self._keyword = cache_keyword(type(model.base_model).forward)
         self._step = (
             torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if compiled else self._forward
         )
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: StaticCache) -> torch.Tensor:
-        out, _ = forward_with_cache(self.model.base_model, ids, mask, positions, cache)
+        # Inputs are on the device already and the cache keyword was looked up
+        # once: nothing here that torch.compile would have to break its graph for.
+        out = self.model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._keyword: cache}
+        )
         logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1])
         return torch.log_softmax(logits.float(), dim=-1)
 
