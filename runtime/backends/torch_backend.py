@@ -272,7 +272,9 @@ class TorchBackend(BackendBase):
         positions = n_prefix + torch.arange(ids.shape[1]).expand(batch, -1)
         hidden, cache = self._hidden(ids, full_mask, positions, cache)
         last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
-        first = self._logprobs(hidden[torch.arange(batch, device=hidden.device), last]).cpu()
+        # Log-probs stay on the device; only the continuation tokens' values are
+        # gathered and copied back (a GPU would otherwise copy rows x vocabulary).
+        first = self._logprobs(hidden[torch.arange(batch, device=hidden.device), last])
 
         # One row per request: (example index, request index). Rows go in chunks:
         # each carries a copy of its example's cache.
@@ -288,11 +290,15 @@ class TorchBackend(BackendBase):
                 starts = torch.tensor([n_prefix + len(prompts[b]) for b, _ in part])
                 tail_pos = starts[:, None] + torch.arange(tail_ids.shape[1])[None]
                 tail_cache = select_cache(cache, row_of.to(self.device))
-                later = self._logprobs(self._hidden(tail_ids, tail_full_mask, tail_pos, tail_cache)[0]).cpu()
-            for r, (b, i) in enumerate(part):
+                later = self._logprobs(self._hidden(tail_ids, tail_full_mask, tail_pos, tail_cache)[0])
+            heads = [(b, encoded[i].continuation[0]) for b, i in part if encoded[i].continuation]
+            rest = [(r, j, tok) for r, (_, i) in enumerate(part) for j, tok in enumerate(encoded[i].continuation[1:])]
+            head_values = iter(_gather(first, heads))
+            rest_values = iter(_gather(later, rest)) if later is not None else iter(())
+            for b, i in part:
                 cont = encoded[i].continuation
-                values = [float(first[b, cont[0]])] if cont else []
-                values.extend(float(later[r, j, tok]) for j, tok in enumerate(cont[1:]))  # type: ignore[index]
+                values = [next(head_values)] if cont else []
+                values.extend(next(rest_values) for _ in cont[1:])
                 results[i] = Score(tuple(values), prompt_tokens=n_prefix + len(prompts[b]))
 
     # ------------------------------------------------------------------ generate
@@ -434,6 +440,14 @@ def _shared_model(model: str, device: str, dtype: str) -> tuple[Any, Any]:
             _MODELS[key] = (lm, tokenizer)
             log.info("loaded %s (%s, %s) in %.1f s", model, device, dtype, time.perf_counter() - started)
         return _MODELS[key]
+
+
+def _gather(values: torch.Tensor, points: Sequence[tuple[int, ...]]) -> list[float]:
+    """`values[point]` for every point (one index per dimension), in one copy to the host."""
+    if not points:
+        return []
+    index = torch.tensor(points, dtype=torch.long, device=values.device)
+    return values[tuple(index.T)].tolist()
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
