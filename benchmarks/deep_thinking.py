@@ -35,9 +35,9 @@ thinking cost is printed separately.
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,20 +53,17 @@ from dlngraph.runtime.kv_state import KVState
 from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, best_step, score_choices, step_score
 from dlngraph.spec import DeepThinkingNode
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmarks: one task table, one McNemar test
+
+from fit_quality import TASKS, mcnemar  # noqa: E402  (the task table: data directory, labels)
+
 WARMUP = 2  # queries run before timing starts
-CHOICES = {
-    "mpqa": ["negative", "positive"],
-    "subj": ["objective", "subjective"],
-    "navigate": ["No", "Yes"],
-    "hyperbaton": ["(A)", "(B)"],
-}
-DATA = {"mpqa": ROOT / "specs/data", "subj": ROOT / "specs/data"}  # the rest: benchmarks/data
 MODES = ("raw", "calibrated")
+DEFAULT_TASKS = ["mpqa", "subj", "navigate", "hyperbaton"]
 
 
 def data_dir(task: str) -> Path:
-    return DATA.get(task, ROOT / "benchmarks/data") / task
+    return TASKS[task][0]
 
 
 def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any, eta: float) -> DeepThinkingLayer:
@@ -75,7 +72,7 @@ def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any, eta
         demonstrations={"split": "train", "count": args.shots, "seed": seed},
         demo_template="{{ input }}\nAnswer: {{ label }}",
         template="{{ input }}\nAnswer:",
-        choices=CHOICES[task],
+        choices=TASKS[task][1],
         eta=eta,
         beta=args.beta,
         max_steps=args.max_steps,
@@ -99,16 +96,6 @@ def predictions(scored: list[dict[str, float]]) -> list[str]:
 def margin(scored: list[dict[str, float]]) -> float:
     tops = [sorted(lp.values(), reverse=True) for lp in scored]
     return statistics.mean(t[0] - t[1] for t in tops)
-
-
-def mcnemar(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant pairs (b: only the new
-    method right, c: only the baseline right)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = math.fsum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 @dataclass
@@ -216,7 +203,8 @@ def repeat_baseline(
     length = len(layer.backend.token_ids(text * steps))
     longest = max(len(layer.backend.token_ids(q)) for q in layer.queries(test[0])[0]) + 8
     if length + longest > context:
-        return f"skipped: {steps} x the demonstrations is {length} tokens, + a query {length + longest} > context {context}"
+        return (f"skipped: {steps} x the demonstrations is {length} tokens, {length + longest} with the longest "
+                f"query, more than the model's context of {context}")
     state = layer.think(text * steps, 1)
     return test_outcome(steps, layer.choice_logprobs(state, test[0]), test[1])
 
@@ -252,15 +240,17 @@ def report_accuracy(task: str, runs: list[EtaRun], args: argparse.Namespace) -> 
         for m in MODES:
             icl = [s.icl[m] for s in run.seeds]
             dt = [s.deep_thinking[m] for s in run.seeds]
-            b = sum(d and not i for x, y in zip(dt, icl) for d, i in zip(x.correct, y.correct))
-            c = sum(i and not d for x, y in zip(dt, icl) for d, i in zip(x.correct, y.correct))
+            icl_correct = [hit for x in icl for hit in x.correct]
+            dt_correct = [hit for x in dt for hit in x.correct]
+            b = sum(d and not i for d, i in zip(dt_correct, icl_correct))
+            c = sum(i and not d for d, i in zip(dt_correct, icl_correct))
             repeats = [s.repeat for s in run.seeds if not isinstance(s.repeat, str)]
             repeat = f"{statistics.mean(r.accuracy for r in repeats):.3f}" if repeats and m == "raw" else "-"
             passes = max(len(s.changes) for s in run.seeds)
             dk = [statistics.mean(s.changes[i][0] for s in run.seeds if i < len(s.changes)) for i in range(passes)]
             print(f"  {run.eta:>5} {m:<10} {statistics.mean(x.accuracy for x in icl):6.3f} "
                   f"{statistics.mean(x.accuracy for x in dt):6.3f} {str([x.steps for x in dt]):<10} {b:3d} {c:3d} "
-                  f"{mcnemar(b, c):9.3f} {repeat:>8} "
+                  f"{mcnemar(icl_correct, dt_correct):9.3f} {repeat:>8} "
                   f"{statistics.mean(x.margin for x in icl):6.2f}->{statistics.mean(x.margin for x in dt):5.2f}  "
                   f"{' '.join(f'{v:.1e}' for v in dk)}")
         for s in run.seeds:
@@ -392,7 +382,7 @@ def report_cost(task: str, cost: dict[str, dict[str, float]], args: argparse.Nam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=sorted(CHOICES), choices=sorted(CHOICES))
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=sorted(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--test", type=int, default=100, help="test examples scored")
