@@ -5,10 +5,10 @@ The server is a socket on 127.0.0.1 that accepts and then sleeps. The spec's
 backend has `timeout: T` and `max_retries: 3`, no declared capabilities, and
 names an API-key variable (set for the run). Each command runs as its own
 subprocess; printed per command: exit status, seconds, the ratio of seconds
-to T, the same after subtracting the baseline (a process that only imports
-dlngraph's litellm backend and litellm, measured in the same run: on a loaded
-machine that import alone takes seconds), and how many connections the
-command opened. With `--old DIR` (a source
+to T, the same after subtracting the baseline (a process that only imports what
+`run` imports, the executor with torch and the litellm backend with litellm,
+measured in the same run: on a loaded machine those imports take seconds),
+and how many connections the command opened. With `--old DIR` (a source
 tree of another version, e.g. made with `git archive <rev> | tar -x -C DIR`)
 the same commands run from that tree too, side by side in this run.
 
@@ -59,7 +59,10 @@ def write_spec(directory: Path, api_base: str, timeout: float) -> Path:
     return path
 
 
-BASELINE = "from dlngraph.runtime.backends.litellm_backend import import_litellm; import_litellm()"
+BASELINE = (
+    "import dlngraph.runtime.executor; from dlngraph.runtime.backends.litellm_backend import import_litellm; "
+    "import_litellm()"
+)
 
 
 def measure(version: str, tree: Path, args: list[str], server: SilentServer, home: Path) -> Row:
@@ -69,7 +72,7 @@ def measure(version: str, tree: Path, args: list[str], server: SilentServer, hom
     started = time.perf_counter()
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=tree)
     seconds = time.perf_counter() - started
-    label = "baseline: import litellm" if args == ["baseline"] else " ".join(args[:1] + args[2:])
+    label = "baseline: imports only" if args == ["baseline"] else " ".join(args[:1] + args[2:])
     return Row(version, label, done.returncode, seconds, len(server.connections) - before)
 
 
