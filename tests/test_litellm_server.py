@@ -149,7 +149,7 @@ def test_short_fit_through_litellm(server: LlamaServer, tmp_path: Path) -> None:
 
 
 def test_choice_scoring_agrees_with_torch(server: LlamaServer, torch_backend: Any) -> None:
-    from dlngraph.runtime.layers.choice import _logsumexp
+    from dlngraph.runtime.calibration import logsumexp
     from dlngraph.runtime.template import score_request
 
     rows = examples("dev", 24)
@@ -159,13 +159,20 @@ def test_choice_scoring_agrees_with_torch(server: LlamaServer, torch_backend: An
     requests = [ScoreRequest(r.prefix + r.prompt, r.continuation) for r in split]
     api = LiteLLMBackend(LiteLLMBackendSpec(model=LITELLM_MODEL, api_base=server.api_base, concurrency=2))
     remote = [s.total for s in api.score(requests)]
-    local = [s.total for s in torch_backend.score(requests)]
+    # The API's next-token scores sum a label's spellings (leading space, capitalisation)
+    # found among its top alternatives; torch scores one continuation, so it sums the same set.
+    spellings = [[ScoreRequest(r.prompt, v) for v in _spellings(r.continuation)] for r in requests]
+    flat = [s.total for s in torch_backend.score([v for group in spellings for v in group])]
+    local, at = [], 0
+    for group in spellings:
+        local.append(logsumexp(flat[at : at + len(group)]))
+        at += len(group)
     gaps = [abs(a - b) for a, b in zip(remote, local)]
     raw_gap = max(gaps)
 
     def normalized(totals: list[float]) -> list[float]:
         pairs = [totals[i : i + 2] for i in range(0, len(totals), 2)]
-        return [t - _logsumexp(pair) for pair in pairs for t in pair]
+        return [t - logsumexp(pair) for pair in pairs for t in pair]
 
     norm_gap = max(abs(a - b) for a, b in zip(normalized(remote), normalized(local)))
     agree = sum((r[0] > r[1]) == (t[0] > t[1]) for r, t in zip(zip(remote[::2], remote[1::2]), zip(local[::2], local[1::2])))
@@ -174,6 +181,11 @@ def test_choice_scoring_agrees_with_torch(server: LlamaServer, torch_backend: An
     assert raw_gap <= LOGPROB_TOLERANCE
     assert norm_gap <= NORMALIZED_TOLERANCE
     assert agree >= len(rows) - 2  # near-ties may flip between Q4_1 and its de-quantization
+
+
+def _spellings(continuation: str) -> list[str]:
+    word = continuation.strip()
+    return sorted({f"{space}{form}" for space in ("", " ") for form in (word, word.lower(), word.capitalize())})
 
 
 # --------------------------------------------------------------------------- scale-out and failures
