@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from dlngraph.compiler.plan import PlanNode
+from dlngraph.compiler.plan import NodeKind, PlanNode
 from dlngraph.runtime import calibration
 from dlngraph.runtime.data import read_jsonl
 from dlngraph.runtime.kv_state import KVState
@@ -78,7 +78,7 @@ def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any, eta
         max_steps=args.max_steps,
         calibration="contextual",
     )
-    node = PlanNode("answer", "deep_thinking", "local", "torch", "choice", tuple(spec.choices), (), ("input",),
+    node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
                     (), False, "target")
     paths = {split: data_dir(task) / f"{split}.jsonl" for split in ("train", "dev", "test")}
     return DeepThinkingLayer(node, spec, backend, data_paths=paths)

@@ -273,7 +273,7 @@ def report_dln2(today: TorchBackend, default: TorchBackend, batch_size: int) -> 
 
 
 def report_deep_thinking(backends: dict[str, TorchBackend], limits: Limits, steps: int, queries: int) -> None:
-    from dlngraph.compiler.plan import PlanNode
+    from dlngraph.compiler.plan import NodeKind, PlanNode
     from dlngraph.runtime.data import read_jsonl
     from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, score_choices
     from dlngraph.spec import DeepThinkingNode
@@ -288,7 +288,7 @@ def report_deep_thinking(backends: dict[str, TorchBackend], limits: Limits, step
         eta=0.1,
         steps=steps,
     )
-    node = PlanNode("answer", "deep_thinking", "local", "torch", "choice", tuple(spec.choices), (), ("input",),
+    node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
                     (), False, "target")
     rows = [{"input": e["input"]} for e in read_jsonl(data / "test.jsonl", ["input"], limit=queries)]
     print(f"\ndeep-thinking (mpqa, 8 demonstrations, T={steps}):")

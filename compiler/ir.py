@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import networkx as nx
@@ -21,17 +20,12 @@ from dlngraph.errors import Span
 from dlngraph.spec import DeepThinkingNode, LayerNode, Spec
 from dlngraph.yamlsource import Source
 
-from dlngraph.compiler.plan import ExecutionPlan
+from dlngraph.compiler.plan import ExecutionPlan, NodeKind
 
 CapabilityResolver = Callable[[str, object], frozenset[Capability]]
 # (backend name, backend spec) -> how many tokens a text is for that backend's
 # model, or None when the compiler cannot know (no tokenizer named).
 TokenCounter = Callable[[str, object], Callable[[str], int] | None]
-
-
-class NodeKind(StrEnum):
-    LAYER = "layer"
-    DEEP_THINKING = "deep_thinking"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,17 @@ from dlngraph.errors import Span
 from dlngraph.spec import Spec
 
 
+class NodeKind(StrEnum):
+    """The closed set of node kinds; the IR and the plan share it (plan.py is the leaf module)."""
+
+    LAYER = "layer"
+    DEEP_THINKING = "deep_thinking"
+
+
 @dataclass(frozen=True)
 class PlanNode:
     name: str
-    kind: str  # "layer" | "deep_thinking" (see compiler.ir.NodeKind)
+    kind: NodeKind
     backend: str
     backend_kind: str
     output_type: str  # "text" | "choice"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from dlngraph.compiler.plan import BatchedCall, Estimate, ExecutionPlan, PlanNode, Stage
+from dlngraph.compiler.plan import BatchedCall, Estimate, ExecutionPlan, NodeKind, PlanNode, Stage
 
 
 def render(plan: ExecutionPlan, fmt: str) -> str:
@@ -105,7 +105,7 @@ def dot(plan: ExecutionPlan) -> str:
     for field in _inputs(plan):
         out.append(f"  {q('input:' + field)} [label={q(field)}, shape=ellipse, style=dashed];")
     for node in plan.nodes.values():
-        shape = "hexagon" if node.kind == "deep_thinking" else "box"
+        shape = "hexagon" if node.kind == NodeKind.DEEP_THINKING else "box"
         style = ", style=bold" if node.trainable else ""
         out.append(f"  {q(node.name)} [label={q(node.name + chr(10) + node.output_type)}, shape={shape}{style}];")
     for node in plan.nodes.values():
@@ -127,7 +127,7 @@ def mermaid(plan: ExecutionPlan) -> str:
         out.append(f"  {ident}([{_mq(field)}])")
     for node in plan.nodes.values():
         label = _mq(f"{node.name}: {node.output_type}")
-        out.append(f"  n_{node.name}{{{{{label}}}}}" if node.kind == "deep_thinking" else f"  n_{node.name}[{label}]")
+        out.append(f"  n_{node.name}{{{{{label}}}}}" if node.kind == NodeKind.DEEP_THINKING else f"  n_{node.name}[{label}]")
     for node in plan.nodes.values():
         out += [f"  {ids[field]} --> n_{node.name}" for field in node.inputs]
         out += [f"  n_{parent} --> n_{node.name}" for parent in node.parents]

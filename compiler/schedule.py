@@ -301,7 +301,7 @@ def _calls(stages: tuple[Stage, ...]) -> list[BatchedCall]:
 def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec) -> PlanNode:
     return PlanNode(
         name=d.name,
-        kind=d.kind.value,
+        kind=d.kind,
         backend=d.backend,
         backend_kind=spec.backends[d.backend].kind,
         output_type=d.output_type,

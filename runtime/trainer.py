@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from dlngraph.compiler.plan import ExecutionPlan, PlanNode, Stage
+from dlngraph.compiler.plan import ExecutionPlan, NodeKind, PlanNode, Stage
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime import demos
@@ -141,7 +141,7 @@ class Trainer:
 
     def parameters(self) -> list[str]:
         """The nodes whose prompt is learned (the one walk that finds them)."""
-        return [n for n, node in sorted(self.plan.nodes.items()) if node.kind == "layer" and node.trainable]
+        return [n for n, node in sorted(self.plan.nodes.items()) if node.kind == NodeKind.LAYER and node.trainable]
 
     def executor(self, params: Mapping[str, Params] | Mapping[str, str]) -> Executor:
         """An executor with `params` (or plain prompts) overriding the spec's."""
@@ -169,7 +169,7 @@ class Trainer:
         executor = self.executor(params)
         result = executor.run(batch)
         # Hidden nodes that are not trained still need their (spec) parameters for re-scoring.
-        current = {n: executor.params_of(n) for n, node in self.plan.nodes.items() if node.kind == "layer"}
+        current = {n: executor.params_of(n) for n, node in self.plan.nodes.items() if node.kind == NodeKind.LAYER}
         state = Pass(
             batch=batch,
             indices=indices,
@@ -266,7 +266,7 @@ class Trainer:
     def score_targets(self, name: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
         """The node's layer scoring (prompt, row, target) triples."""
         node = self.plan.nodes[name]
-        if node.kind == "deep_thinking":
+        if node.kind == NodeKind.DEEP_THINKING:
             return _thinking_scores(name, node.backend, items)
         return LAYERS[node.output_type].target_scores(node, self.plan.spec.nodes[name], items)
 
@@ -335,7 +335,7 @@ class Fit:
         self.backends = backends
         self.run = run
         self.seed = plan.spec.train.seed if seed is None else seed
-        trainable = any(n.kind == "layer" and n.trainable for n in plan.nodes.values())
+        trainable = any(n.kind == NodeKind.LAYER and n.trainable for n in plan.nodes.values())
         self.iterations = (plan.spec.train.iterations if iterations is None else iterations) if trainable else 0
         self.events = events or Events()
         self.tracker = tracker or Tracker()
@@ -385,7 +385,7 @@ class Fit:
         layers: dict[str, Any] = {}
         for name in self.plan.topological_order:
             node = self.plan.nodes[name]
-            if node.kind != "deep_thinking":
+            if node.kind != NodeKind.DEEP_THINKING:
                 continue
             from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
 
@@ -639,7 +639,7 @@ def _needs_posterior(plan: ExecutionPlan) -> dict[str, bool]:
         node = plan.nodes[name]
         upstream[name] = any(plan.nodes[p].trainable or upstream[p] for p in node.parents)
     return {
-        name: node.kind == "layer" and not node.is_output and (node.trainable or upstream[name])
+        name: node.kind == NodeKind.LAYER and not node.is_output and (node.trainable or upstream[name])
         for name, node in plan.nodes.items()
     }
 

@@ -77,7 +77,7 @@ def build_plan() -> Callable:
     import networkx as nx
     from jinja2 import meta
 
-    from dlngraph.compiler.plan import Estimate, ExecutionPlan, PlanNode, Stage
+    from dlngraph.compiler.plan import Estimate, ExecutionPlan, NodeKind, PlanNode, Stage
 
     def build(spec, spec_path: Path = Path("spec.yaml")) -> ExecutionPlan:
         env = jinja2.Environment()
@@ -90,7 +90,7 @@ def build_plan() -> Callable:
         nodes = {
             name: PlanNode(
                 name=name,
-                kind=node.kind,
+                kind=NodeKind(node.kind),
                 backend=spec.backend_of(name),
                 backend_kind=spec.backends[spec.backend_of(name)].kind,
                 output_type=node.output.type,

@@ -76,7 +76,7 @@ def test_wide_dag_parallel_layers_share_a_stage_and_backward_merges_per_backend(
 
 def test_deep_thinking_gets_a_think_stage_and_no_training_iterations() -> None:
     plan = compile_unit(ROOT / "specs/deep-thinking-subj.yaml").plan
-    assert plan.nodes["answer"].kind == NodeKind.DEEP_THINKING.value
+    assert plan.nodes["answer"].kind is NodeKind.DEEP_THINKING
     assert plan.think and plan.think[0].nodes == ("answer",)
     assert plan.think[0].calls[0].op == "think"
     assert not plan.nodes["answer"].trainable

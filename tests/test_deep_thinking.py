@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from dlngraph.compiler.plan import PlanNode
+from dlngraph.compiler.plan import NodeKind, PlanNode
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import ScoreRequest
 from dlngraph.runtime import calibration
@@ -73,7 +73,7 @@ def node_spec(**changes: object) -> DeepThinkingNode:
 
 def make_layer(backend, **changes: object) -> DeepThinkingLayer:
     spec = node_spec(**changes)
-    node = PlanNode("answer", "deep_thinking", "local", "torch", "choice", tuple(spec.choices), (), ("input",),
+    node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
                     (), False, "target")
     return DeepThinkingLayer(node, spec, backend)
 
@@ -338,7 +338,7 @@ def tiny_layer(device: str, **changes: object) -> DeepThinkingLayer:
     }
     fields.update(changes)
     spec = DeepThinkingNode.model_validate({"kind": "deep_thinking", **fields})
-    node = PlanNode("answer", "deep_thinking", "local", "torch", "choice", ("x", "y"), (), ("input",), (), False,
+    node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", ("x", "y"), (), ("input",), (), False,
                     "target")
     return DeepThinkingLayer(node, spec, TinyBackend(device))
 
