@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from dlngraph.runtime.backends.base import Score
+from dlngraph.runtime.calibration import logsumexp
 
 
 def describe(exc: BaseException) -> str:
@@ -40,8 +41,7 @@ def choice_logprob(alternatives: dict[str, float], choice: str) -> float:
     key = choice.strip().lower()
     spellings = [v for token, v in alternatives.items() if token.strip() and token.strip().lower() == key]
     if spellings:
-        top = max(spellings)
-        return top + math.log(sum(math.exp(v - top) for v in spellings))
+        return logsumexp(spellings)
     rest = 1.0 - sum(math.exp(v) for v in alternatives.values())
     bound = math.log(max(rest, 1e-12))
     return min([bound, *alternatives.values()])
