@@ -53,7 +53,7 @@ def fit(
     from dlngraph.runner import open_backends
     from dlngraph.runtime.rundir import RunDir, default_path
     from dlngraph.runtime.tracking import make_tracker, spec_params
-    from dlngraph.runtime.trainer import Fit
+    from dlngraph.runtime.fit import Fit
 
     plan = plan or compile_spec(spec_path)
     if resume is not None:

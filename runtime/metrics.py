@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dlngraph.compiler.plan import ExecutionPlan
 
 
 def normalize(text: str) -> str:
@@ -15,3 +20,14 @@ def is_correct(metric: str, prediction: str, target: str) -> bool:
     if metric == "exact_match":
         return normalize(prediction) == normalize(target)
     return prediction.strip() == target.strip()  # accuracy: labels must match exactly
+
+
+def all_correct(plan: "ExecutionPlan", outputs: Mapping[str, str], example: Mapping[str, str]) -> bool:
+    """Every output node of `plan` matches its target in `example`."""
+    return all(is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in plan.spec.outputs.items())
+
+
+def accuracy(plan: "ExecutionPlan", outputs: Sequence[Mapping[str, str]], examples: Sequence[Mapping[str, str]]) -> float:
+    if not examples:
+        return 0.0
+    return sum(all_correct(plan, out, ex) for out, ex in zip(outputs, examples)) / len(examples)

@@ -19,28 +19,19 @@ The trainer holds no model logic: the layer modules build the requests
 (`Deferred`), and `dispatch` merges a stage's requests into ONE call per
 (backend, op, purpose), deduplicated, as the plan's schedule lists them.
 
-`Fit` is the loop around it: initial evaluation (iteration 0), class-balanced
-mini-batches, label priors re-estimated on unlabeled train inputs whenever
-parameters change, dev evaluation every `eval_every`, best-on-dev selection
-(accuracy, ties broken by dev log-likelihood), a memory of the best parameters
-fed back to the optimizer, backtracking to the best after `backtrack`
-evaluations without gain, early stopping, checkpoints after every iteration
-and `--resume`.
+The loop around it (evaluation, checkpoints, resume) is `runtime/fit.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from dlngraph.compiler.plan import ExecutionPlan, NodeKind, PlanNode, Stage
-from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.compiler.plan import ExecutionPlan, NodeKind, Stage
+from dlngraph.runtime.backends.base import Backend
 from dlngraph.runtime import demos
 from dlngraph.runtime.backward import (
     Attempt,
@@ -48,19 +39,15 @@ from dlngraph.runtime.backward import (
     TargetScore,
     posterior_logits,
     posterior_weights,
-    rng_for,
     shown_input,
     stable_seed,
 )
-from dlngraph.runtime.data import Example, read_jsonl
+from dlngraph.runtime.data import Example
 from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers import choice, text
 from dlngraph.runtime.layers.base import Demo, Params, Row
-from dlngraph.runtime.metrics import is_correct
+from dlngraph.runtime import metrics
 from dlngraph.runtime.optimizer import DLNSearch, Optimizer
-from dlngraph.runtime.plot import plot_curve
-from dlngraph.runtime.rundir import RunDir
-from dlngraph.runtime.tracking import Tracker
 from dlngraph.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -177,7 +164,7 @@ class Trainer:
             rows={name: executor.rows_for(name, batch, result) for name in self.plan.nodes},
             targets={name: [ex[f] for ex in batch] for name, f in self.plan.spec.outputs.items()},
         )
-        train_acc = _accuracy(self.plan, [result.outputs(i) for i in range(len(batch))], batch)
+        train_acc = metrics.accuracy(self.plan, [result.outputs(i) for i in range(len(batch))], batch)
         new_params = {n: current[n] for n in self.parameters()}
         loss: dict[str, float] = {}
         accepted: dict[str, bool] = {}
@@ -304,331 +291,6 @@ class Trainer:
         ]
 
 
-# ---------------------------------------------------------------------- the fit loop
-
-
-@dataclass
-class FitResult:
-    run_dir: RunDir
-    prompts: dict[str, str]  # the last iteration's
-    best: dict[str, Any]  # {"iteration", "dev_acc", "dev_loglik", "prompts", "demos", "calibration"}
-    iterations: int  # completed
-    stopped_early: bool
-
-
-class Fit:
-    """The training loop over a run directory; see the module docstring."""
-
-    def __init__(
-        self,
-        plan: ExecutionPlan,
-        backends: Mapping[str, Backend],
-        run: RunDir,
-        *,
-        seed: int | None = None,
-        iterations: int | None = None,
-        events: Events | None = None,
-        tracker: Tracker | None = None,
-        optimizer: Optimizer | None = None,
-    ) -> None:
-        self.plan = plan
-        self.backends = backends
-        self.run = run
-        self.seed = plan.spec.train.seed if seed is None else seed
-        trainable = any(n.kind == NodeKind.LAYER and n.trainable for n in plan.nodes.values())
-        self.iterations = (plan.spec.train.iterations if iterations is None else iterations) if trainable else 0
-        self.events = events or Events()
-        self.tracker = tracker or Tracker()
-        self.optimizer = optimizer
-        self.trainer: Trainer | None = None
-        self.calibration_set: list[Example] = []
-
-    def examples(self, split: str, limit: int | None = None) -> list[Example]:
-        path = self.plan.data_paths.get(split)
-        if path is None:
-            return []
-        fields = [*self.plan.spec.inputs, *sorted(set(self.plan.spec.outputs.values()))]
-        return read_jsonl(path, fields, limit=limit)
-
-    def run_fit(self, resume: bool = False) -> FitResult:
-        state = self.run.last_checkpoint() if resume else None
-        if state is not None:
-            self.seed = state["seed"]
-            self.run.truncate_after(state["iteration"])
-        train_set, dev_set = self.examples("train"), self.examples("dev", self.plan.spec.train.dev_size)
-        # Label priors come from unlabeled train inputs, the same ones all fit long.
-        draw = rng_for(self.seed, 0, "calibration").sample(train_set, min(self.plan.spec.train.calibration_size, len(train_set)))
-        self.calibration_set = [{f: ex[f] for f in self.plan.spec.inputs} for ex in draw]
-        layers = self.think(dev_set)
-        self.trainer = Trainer(
-            self.plan, self.backends, seed=self.seed, layers=layers, events=self.events, optimizer=self.optimizer
-        )
-        if state is None:
-            state = self.initial(dev_set)
-        stopped = state["early_stop"]["stopped"]
-        try:
-            while not stopped and state["iteration"] < self.iterations:
-                self.events.iteration(state["iteration"], self.iterations)
-                state = self.iteration(state, train_set, dev_set)
-                stopped = state["early_stop"]["stopped"]
-        except KeyboardInterrupt:
-            log.warning("interrupted: the last checkpoint is iteration %d", state["iteration"])
-            raise
-        self.events.iteration(state["iteration"], self.iterations)
-        self.finish(state, dev_set)
-        return FitResult(self.run, state["prompts"], state["best"], state["iteration"], stopped)
-
-    def think(self, dev_set: list[Example]) -> dict[str, Any]:
-        """Deep-Thinking nodes tune their K/V state once (saved in the run dir, loaded on
-        resume); they are not prompt-trained. A node reading upstream nodes selects T on
-        dev rows holding their outputs under the spec's prompts."""
-        layers: dict[str, Any] = {}
-        for name in self.plan.topological_order:
-            node = self.plan.nodes[name]
-            if node.kind != NodeKind.DEEP_THINKING:
-                continue
-            from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
-
-            layer = DeepThinkingLayer.from_plan(self.plan, name, self.backends[node.backend], run_dir=self.run.path)
-            self.events.call("think", 1)
-            if node.parents and dev_set:
-                executor = Executor(self.plan, self.backends, layers=layers, seed=self.seed)
-                upstream = RunResult(records={})
-                for stage in self.plan.forward:
-                    if name in stage.nodes:
-                        break
-                    executor.run_stage(stage, dev_set, upstream)
-                rows = executor.rows_for(name, dev_set, upstream)
-                layer.prepare(dev_rows=rows, dev_targets=[ex[self.plan.spec.outputs.get(name, layer.spec.label_field)] for ex in dev_set])
-            else:
-                layer.prepare()
-            layers[name] = layer
-        return layers
-
-    def initial(self, dev_set: list[Example]) -> dict[str, Any]:
-        """Iteration 0: the spec's prompts (and demonstrations drawn with the fit's
-        seed) evaluated on dev; they are the first best."""
-        started, before = time.perf_counter(), self.usage()
-        assert self.trainer is not None
-        params = self.calibrate(
-            {n: Params(self.plan.spec.nodes[n].prompt, demos.initial(self.plan, n, self.seed)) for n in self.trainer.parameters()}  # type: ignore[union-attr]
-        )
-        dev_acc, dev_loglik, predictions = self.evaluate(params, dev_set)
-        self.run.write_predictions("initial", predictions)
-        best = _learned(params, iteration=0, dev_acc=dev_acc, dev_loglik=dev_loglik)
-        state = self.state(0, params, best, 0, False, [best] if dev_set and self.plan.spec.train.memory else [])
-        self.record(0, None, dev_acc, {}, {}, [], before, started)
-        self.commit(state)
-        return state
-
-    def iteration(self, state: dict[str, Any], train_set: list[Example], dev_set: list[Example]) -> dict[str, Any]:
-        iteration = state["iteration"] + 1
-        started, before = time.perf_counter(), self.usage()
-        train = self.plan.spec.train
-        indices = self.batch_indices(train_set, iteration)
-        assert self.trainer is not None
-        memory = [_params(m) for m in state.get("memory", [])]
-        step = self.trainer.step(_params(state), [train_set[i] for i in indices], indices, iteration, memory)
-        params = self.calibrate(step.params)
-        best, patience_used, remembered = state["best"], state["early_stop"]["evaluations_without_gain"], state.get("memory", [])
-        dev_acc = None
-        if dev_set and (iteration % train.eval_every == 0 or iteration == self.iterations):
-            dev_acc, dev_loglik, _ = self.evaluate(params, dev_set)
-            entry = _learned(params, iteration=iteration, dev_acc=dev_acc, dev_loglik=dev_loglik)
-            remembered = _remember(remembered, entry, train.memory)
-            if _rank(entry) > _rank(best):
-                best, patience_used = entry, 0
-            else:
-                patience_used += 1
-                if train.backtrack and patience_used % train.backtrack == 0:
-                    log.info("iteration %d: %d evaluations without gain, back to iteration %d", iteration, patience_used, best["iteration"])
-                    params = _params(best)
-        elif not dev_set:  # nothing to select on: the latest parameters are the result
-            best = _learned(params, iteration=iteration, dev_acc=None, dev_loglik=None)
-        stopped = patience_used >= train.patience
-        self.record(iteration, step.train_acc, dev_acc, step.loss, step.accepted, step.posteriors, before, started, step.dropped)
-        new_state = self.state(iteration, params, best, patience_used, stopped, remembered)
-        self.commit(new_state)
-        if stopped:
-            log.info("early stop after %d evaluations without gain", patience_used)
-        return new_state
-
-    def batch_indices(self, train_set: list[Example], iteration: int) -> list[int]:
-        """The iteration's mini-batch: class-balanced (round-robin over the labels of
-        the one output, as DLN's --balance_batch) unless told otherwise."""
-        train = self.plan.spec.train
-        rng = rng_for(self.seed, iteration, "batch")
-        size = min(train.batch_size, len(train_set))
-        outputs = list(self.plan.spec.outputs.items())
-        if not train.balance_batch or len(outputs) != 1 or self.plan.nodes[outputs[0][0]].output_type != "choice":
-            return sorted(rng.sample(range(len(train_set)), size))
-        field_name = outputs[0][1]
-        by_label: dict[str, list[int]] = {}
-        for i, ex in enumerate(train_set):
-            by_label.setdefault(ex[field_name], []).append(i)
-        for group in by_label.values():
-            rng.shuffle(group)
-        labels = sorted(by_label)
-        rng.shuffle(labels)
-        chosen: list[int] = []
-        while len(chosen) < size:
-            for label in labels:
-                if by_label[label] and len(chosen) < size:
-                    chosen.append(by_label[label].pop())
-        return sorted(chosen)
-
-    def calibrate(self, params: dict[str, Params]) -> dict[str, Params]:
-        """`params` with the label prior of every calibrated choice layer estimated
-        again where it is unknown (after its prompt or demonstrations changed):
-        batch calibration over the fit's unlabeled train inputs, contextual from
-        content-free inputs; one forward, deduplicated by the backends' memo."""
-        stale = [
-            n
-            for n, p in params.items()
-            if p.bias is None
-            and self.plan.nodes[n].output_type == "choice"
-            and self.plan.spec.nodes[n].calibration != "none"  # type: ignore[union-attr]
-        ]
-        if not stale or not self.calibration_set:
-            return params
-        assert self.trainer is not None
-        batch = any(self.plan.spec.nodes[n].calibration == "batch" for n in stale)  # type: ignore[union-attr]
-        rows = self.calibration_set if batch else self.calibration_set[:1]
-        records = self.trainer.executor(params).run(rows).records
-        out = dict(params)
-        for n in stale:
-            prior = records[n].extra.get("bias") or {}
-            out[n] = Params(params[n].prompt, params[n].demos, tuple(sorted(prior.items())))  # type: ignore[union-attr]
-        return out
-
-    def state(
-        self,
-        iteration: int,
-        params: Mapping[str, Params],
-        best: dict[str, Any],
-        without_gain: int,
-        stopped: bool,
-        memory: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        """A checkpoint: all resume needs, as plain data. Random draws are derived from
-        (seed, iteration, purpose), so the seed and the iteration are the whole RNG state."""
-        return {
-            "iteration": iteration,
-            "seed": self.seed,
-            **_learned(params),
-            "best": best,
-            "memory": memory,
-            "early_stop": {"evaluations_without_gain": without_gain, "stopped": stopped},
-            "rng": {"scheme": "sha256(seed, iteration, purpose)", "seed": self.seed, "next_iteration": iteration + 1},
-        }
-
-    def commit(self, state: dict[str, Any]) -> None:
-        # The checkpoint goes last: a run killed before it repeats the iteration on resume.
-        self.run.save_best(state["best"])
-        self.run.save_checkpoint(state)
-
-    def record(
-        self,
-        iteration: int,
-        train_acc: float | None,
-        dev_acc: float | None,
-        loss: dict[str, float],
-        accepted: dict[str, bool],
-        posteriors: list[dict[str, Any]],
-        before: Usage,
-        started: float,
-        dropped: dict[str, dict[str, int]] | None = None,
-    ) -> None:
-        spent = self.usage() - before
-        metrics = {
-            "iteration": iteration,
-            "train_acc": train_acc,
-            "dev_acc": dev_acc,
-            "loss": loss,
-            "accepted": accepted,
-            "dropped_proposals": dropped or {},
-            "calls": spent.calls,
-            "requests": spent.requests,
-            "prompt_tokens": spent.prompt_tokens,
-            "completion_tokens": spent.completion_tokens,
-            "cost": spent.cost,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        self.run.append(self.run.metrics, [metrics])
-        self.run.append(self.run.posteriors, posteriors)
-        self.tracker.log_metrics(iteration, metrics)
-        log.info("iteration %d: train %s dev %s accepted %s", iteration, train_acc, dev_acc, accepted)
-
-    def usage(self) -> Usage:
-        total = Usage()
-        for backend in self.backends.values():
-            total.add(backend.usage)
-        return total
-
-    def evaluate(
-        self, params: Mapping[str, Params], examples: list[Example]
-    ) -> tuple[float, float | None, list[dict[str, Any]]]:
-        """Accuracy of the output nodes on `examples` (one batched call per node), the
-        mean (calibrated) log-prob of the targets of choice outputs, and predictions."""
-        if not examples:
-            return 0.0, None, []
-        assert self.trainer is not None
-        result = self.trainer.executor(params).run(examples)
-        outputs = [result.outputs(i) for i in range(len(examples))]
-        rows = [_prediction(self.plan, i, ex, out) for i, (ex, out) in enumerate(zip(examples, outputs))]
-        logprobs = [
-            record.choice_logprobs[i][ex[self.plan.spec.outputs[n]]]
-            for n, record in sorted(result.records.items())
-            if n in self.plan.spec.outputs and record.choice_logprobs is not None
-            for i, ex in enumerate(examples)
-        ]
-        loglik = round(sum(logprobs) / len(logprobs), 6) if logprobs else None
-        return _accuracy(self.plan, outputs, examples), loglik, rows
-
-    def finish(self, state: dict[str, Any], dev_set: list[Example]) -> None:
-        _, _, predictions = self.evaluate(_params(state["best"]), dev_set)
-        self.run.write_predictions("best", predictions)
-        plot_curve(self.run.read(self.run.metrics), self.run.curve, self.plan.name)
-
-
-def _learned(params: Mapping[str, Params], **fields: Any) -> dict[str, Any]:
-    """Layer parameters as plain checkpoint data: `prompts`, and `demos` / `calibration`
-    for the nodes that have them, after `fields`."""
-    return {
-        **fields,
-        "prompts": {n: p.prompt for n, p in sorted(params.items())},
-        "demos": {n: p.demo_dicts() for n, p in sorted(params.items()) if p.demos},
-        "calibration": {n: p.bias_dict() for n, p in sorted(params.items()) if p.bias is not None},
-    }
-
-
-def _params(data: Mapping[str, Any]) -> dict[str, Params]:
-    """Parameters back from checkpoint data (`_learned`'s inverse)."""
-    shown, priors = data.get("demos") or {}, data.get("calibration") or {}
-    return {
-        n: Params(
-            prompt,
-            tuple(tuple(sorted(d.items())) for d in shown.get(n, [])),
-            tuple(sorted(priors[n].items())) if n in priors else None,
-        )
-        for n, prompt in data["prompts"].items()
-    }
-
-
-def _rank(entry: Mapping[str, Any]) -> tuple[float, float]:
-    """Best-on-dev order: accuracy, ties broken by the targets' dev log-likelihood."""
-    acc, loglik = entry.get("dev_acc"), entry.get("dev_loglik")
-    return (-math.inf if acc is None else acc, -math.inf if loglik is None else loglik)
-
-
-def _remember(memory: list[dict[str, Any]], entry: dict[str, Any], size: int) -> list[dict[str, Any]]:
-    """The `size` best distinct parameter sets seen on dev, best first (the earlier of equals)."""
-    key = lambda e: (e["prompts"], e["demos"])  # noqa: E731 - same parameters, whatever their prior
-    kept = [m for m in memory if key(m) != key(entry)] + [entry]
-    kept.sort(key=lambda e: (_rank(e), -e["iteration"]), reverse=True)
-    return kept[:size]
-
-
 # ---------------------------------------------------------------------- small pure helpers
 
 
@@ -661,30 +323,3 @@ def _regroup(flat: list[TargetScore], candidates: list[list[str]]) -> list[list[
         out.append(flat[at : at + len(cands)])
         at += len(cands)
     return out
-
-
-def _correct(plan: ExecutionPlan, outputs: Mapping[str, str], example: Example) -> bool:
-    return all(is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in plan.spec.outputs.items())
-
-
-def _accuracy(plan: ExecutionPlan, outputs: Sequence[Mapping[str, str]], examples: Sequence[Example]) -> float:
-    if not examples:
-        return 0.0
-    return sum(_correct(plan, out, ex) for out, ex in zip(outputs, examples)) / len(examples)
-
-
-def _prediction(plan: ExecutionPlan, index: int, example: Example, outputs: Mapping[str, str]) -> dict[str, Any]:
-    """A predictions line: {"index", "input", "target", "prediction", "correct"}; with
-    several inputs or outputs the fields hold {name: value} mappings."""
-    spec = plan.spec
-
-    def one_or_all(values: dict[str, str]) -> str | dict[str, str]:
-        return next(iter(values.values())) if len(values) == 1 else values
-
-    return {
-        "index": index,
-        "input": one_or_all({f: example[f] for f in spec.inputs}),
-        "target": one_or_all({n: example[f] for n, f in sorted(spec.outputs.items())}),
-        "prediction": one_or_all({n: outputs[n] for n in sorted(spec.outputs)}),
-        "correct": _correct(plan, outputs, example),
-    }

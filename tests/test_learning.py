@@ -19,7 +19,8 @@ from dlngraph.runtime.backward import filter_proposals, run_now
 from dlngraph.runtime.layers import choice
 from dlngraph.runtime.layers.base import Params
 from dlngraph.runtime.rundir import RunDir
-from dlngraph.runtime.trainer import Fit, Trainer, _rank, _remember
+from dlngraph.runtime.fit import Fit, _rank, _remember
+from dlngraph.runtime.trainer import Trainer
 from dlngraph.spec import PROPOSAL_DIRECTIVES
 
 from tests.scripted_backend import ScriptedBackend

@@ -30,7 +30,8 @@ from dlngraph.runtime.backward import (
     select_candidate,
 )
 from dlngraph.runtime.rundir import RunDir
-from dlngraph.runtime.trainer import Fit, Trainer
+from dlngraph.runtime.fit import Fit
+from dlngraph.runtime.trainer import Trainer
 
 from tests.scripted_backend import ScriptedBackend, hashed_text
 
