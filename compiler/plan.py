@@ -108,12 +108,8 @@ class ExecutionPlan:
     think: tuple[Stage, ...]  # one-time Deep-Thinking stage(s) before the forward
     forward: tuple[Stage, ...]
     backward: tuple[Stage, ...]
-    estimate_per_iteration: Estimate
-    estimate_fit: Estimate
     data_paths: dict[str, Path]  # split -> absolute JSONL path
-    # One dev evaluation (a forward over dev_size examples) and how many the fit runs.
-    evaluation: tuple[Stage, ...] = ()
-    evaluations: int = 0
+    evaluation: tuple[Stage, ...] = ()  # one dev evaluation (a forward over dev_size examples)
     spec_sha256: str = ""  # of the spec file's bytes; `load_plan` checks a saved plan is current
 
     @property
@@ -123,6 +119,31 @@ class ExecutionPlan:
     @property
     def topological_order(self) -> list[str]:
         return [n for stage in self.forward for n in stage.nodes]
+
+    def iterations(self, iterations: int | None = None) -> int:
+        """Training iterations of a fit: `iterations` if given, else the spec's; none
+        when nothing is trainable (the fit then only evaluates)."""
+        if not any(n.trainable for n in self.nodes.values()):
+            return 0
+        return self.spec.train.iterations if iterations is None else iterations
+
+    def evaluations(self, iterations: int | None = None) -> int:
+        """Dev evaluations of a fit: before training and every `eval_every` iterations."""
+        return self.iterations(iterations) // self.spec.train.eval_every + 1 if self.evaluation else 0
+
+    @property
+    def estimate_per_iteration(self) -> Estimate:
+        return Estimate.of(_calls(self.forward)) + Estimate.of(_calls(self.backward))
+
+    def estimate(self, iterations: int | None = None) -> Estimate:
+        """The whole fit's calls and tokens (the one place they are summed): the
+        iterations (the spec's unless `iterations` is given), the dev evaluations and
+        the one-time Deep-Thinking stage."""
+        return (
+            self.estimate_per_iteration.times(self.iterations(iterations))
+            + Estimate.of(_calls(self.evaluation)).times(self.evaluations(iterations))
+            + Estimate.of(_calls(self.think))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         def stage(s: Stage) -> dict[str, Any]:
@@ -144,15 +165,19 @@ class ExecutionPlan:
             "forward": [stage(s) for s in self.forward],
             "backward": [stage(s) for s in self.backward],
             "evaluation": [stage(s) for s in self.evaluation],
-            "evaluations": self.evaluations,
+            "evaluations": self.evaluations(),
             "estimate": {
                 "per_iteration": _dataclass_dict(self.estimate_per_iteration),
-                "fit": _dataclass_dict(self.estimate_fit),
+                "fit": _dataclass_dict(self.estimate()),
             },
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _calls(stages: tuple[Stage, ...]) -> list[BatchedCall]:
+    return [c for s in stages for c in s.calls]
 
 
 def _dataclass_dict(obj: Any) -> dict[str, Any]:

@@ -35,13 +35,13 @@ def text(plan: ExecutionPlan) -> str:
     out += _stages(plan.backward, with_nodes=True) or ["  (nothing to train)"]
     out += ["", "estimates (tokens ~ characters / 4; generated text counted at max_tokens):"]
     out.append(f"  per iteration: {_estimate(plan.estimate_per_iteration)}")
-    if plan.evaluations:
+    if plan.evaluations():
         dev = plan.evaluation[0].calls[0]
         examples = _examples(dev, plan)
-        out.append(f"  dev evaluations: {plan.evaluations} x {examples} examples")
+        out.append(f"  dev evaluations: {plan.evaluations()} x {examples} examples")
     trains = any(n.trainable for n in plan.nodes.values())
     iterations = f"{train.iterations} iterations" if trains else "nothing trainable: no iterations"
-    out.append(f"  fit ({iterations}): {_estimate(plan.estimate_fit)}")
+    out.append(f"  fit ({iterations}): {_estimate(plan.estimate())}")
     return "\n".join(out) + "\n"
 
 

@@ -38,7 +38,7 @@ from dlngraph.spec import CONTENT_FREE_INPUTS, DeepThinkingNode, Spec
 
 from dlngraph.compiler import templates
 from dlngraph.compiler.ir import FieldProfile, NodeData, NodeKind, Unit, nodes
-from dlngraph.compiler.plan import BatchedCall, Estimate, ExecutionPlan, PlanNode, Stage
+from dlngraph.compiler.plan import BatchedCall, ExecutionPlan, PlanNode, Stage
 
 REQUIRES = frozenset({"acyclic", "capable", "data_checked"})
 GUARANTEES = frozenset({"planned"})
@@ -75,16 +75,7 @@ def run(unit: Unit) -> Unit:
         if dev_rows
         else ()
     )
-    # With nothing trainable there are no training iterations, only evaluation.
-    iterations = train.iterations if any(d.trainable for d in data.values()) else 0
-    evaluations = (iterations // train.eval_every + 1) if evaluation else 0
     think = _think(data, sizes, dev_rows)
-    per_iteration = Estimate.of(_calls(forward)) + Estimate.of(_calls(backward))
-    fit = (
-        per_iteration.times(iterations)
-        + Estimate.of(_calls(evaluation)).times(evaluations)
-        + Estimate.of(_calls(think))
-    )
     plan = ExecutionPlan(
         spec=spec,
         spec_path=unit.path.resolve(),
@@ -92,11 +83,8 @@ def run(unit: Unit) -> Unit:
         think=think,
         forward=forward,
         backward=backward,
-        estimate_per_iteration=per_iteration,
-        estimate_fit=fit,
         data_paths={split: p.path for split, p in sorted(unit.profiles.items())},
         evaluation=evaluation,
-        evaluations=evaluations,
         spec_sha256=hashlib.sha256(unit.source.text.encode() if unit.source else b"").hexdigest(),
     )
     return replace(unit, plan=plan)
@@ -292,10 +280,6 @@ def _dev_rows(spec: Spec, profiles: dict[str, FieldProfile]) -> int:
     if dev is None:
         return 0
     return min(spec.train.dev_size, dev.rows) if spec.train.dev_size else dev.rows
-
-
-def _calls(stages: tuple[Stage, ...]) -> list[BatchedCall]:
-    return [c for s in stages for c in s.calls]
 
 
 def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec) -> PlanNode:

@@ -16,21 +16,10 @@ from typing import Any
 
 import yaml
 
-from dlngraph.compiler.plan import ExecutionPlan, Estimate
+from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
-
-
-def projected(plan: ExecutionPlan, iterations: int | None = None) -> Estimate:
-    """The plan's estimate for the whole fit, for `iterations` instead of the spec's if given
-    (the same sum the compiler makes: iterations, dev evaluations, Deep-Thinking)."""
-    if iterations is None:
-        return plan.estimate_fit
-    evaluation = Estimate.of([c for s in plan.evaluation for c in s.calls])
-    think = Estimate.of([c for s in plan.think for c in s.calls])
-    evaluations = iterations // plan.spec.train.eval_every + 1 if plan.evaluation else 0
-    return plan.estimate_per_iteration.times(iterations) + evaluation.times(evaluations) + think
 
 
 def fit(

@@ -44,7 +44,7 @@ def test_example_specs_compile_with_every_pass_linted(path: Path) -> None:
     assert sorted(plan.nodes) == list(plan.nodes)
     assert sorted(plan.topological_order) == sorted(plan.nodes)
     assert all(p.is_absolute() and p.is_file() for p in plan.data_paths.values())
-    assert plan.estimate_fit.requests >= plan.estimate_per_iteration.requests > 0
+    assert plan.estimate().requests >= plan.estimate_per_iteration.requests > 0
 
 
 def test_dln2_schedule_has_posterior_for_the_hidden_layer() -> None:
@@ -80,18 +80,24 @@ def test_deep_thinking_gets_a_think_stage_and_no_training_iterations() -> None:
     assert plan.think and plan.think[0].nodes == ("answer",)
     assert plan.think[0].calls[0].op == "think"
     assert not plan.nodes["answer"].trainable
-    assert plan.evaluations == 1
+    assert plan.evaluations() == 1
     once = sum(c.requests for s in plan.think + plan.evaluation for c in s.calls)
-    assert plan.estimate_fit.requests == once
+    assert plan.estimate().requests == once
+    assert plan.estimate(iterations=5) == plan.estimate()  # nothing trainable: no iterations whatever is asked
 
 
 def test_fit_estimate_is_iterations_times_per_iteration_plus_evaluations() -> None:
     plan = compile_unit(ROOT / "specs/dln1-mpqa.yaml").plan
     train = plan.spec.train
     evaluation = sum(c.requests for s in plan.evaluation for c in s.calls)
-    assert plan.evaluations == train.iterations // train.eval_every + 1
-    assert plan.estimate_fit.requests == (
-        train.iterations * plan.estimate_per_iteration.requests + plan.evaluations * evaluation
+    assert plan.evaluations() == train.iterations // train.eval_every + 1
+    assert plan.estimate().requests == (
+        train.iterations * plan.estimate_per_iteration.requests + plan.evaluations() * evaluation
+    )
+    # another iteration count: the same sum, with the evaluations that count implies
+    assert plan.evaluations(2 * train.eval_every) == 3
+    assert plan.estimate(2 * train.eval_every).calls == (
+        2 * train.eval_every * plan.estimate_per_iteration.calls + 3 * sum(len(s.calls) for s in plan.evaluation)
     )
     # the dev evaluation scores both choices of dev_size examples
     assert evaluation == train.dev_size * 2

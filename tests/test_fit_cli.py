@@ -77,7 +77,7 @@ def test_dry_run_prints_the_projection_and_calls_no_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     plan = compile_spec(spec)
     assert f"per iteration ~{plan.estimate_per_iteration.calls} batched calls" in printed
-    assert f"whole fit: ~{plan.estimate_fit.calls} calls" in printed
+    assert f"whole fit: ~{plan.estimate().calls} calls" in printed
     assert "cost: not priced" in printed
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 

@@ -41,9 +41,7 @@ def _cost(plan) -> str:  # noqa: ANN001 - ExecutionPlan
     from dlngraph.runtime.backends.litellm_backend import import_litellm
 
     try:
-        from dlngraph.fitting import projected
-
-        estimate = projected(plan)
+        estimate = plan.estimate()
         prompt, completion = import_litellm().cost_per_token(
             model=models.pop(), prompt_tokens=estimate.prompt_tokens, completion_tokens=estimate.completion_tokens
         )
@@ -68,11 +66,11 @@ def fit_cmd(
 ) -> None:
     """Train the prompts of SPEC; prints the projected calls and tokens before the first call."""
     from dlngraph.api import compile_spec
-    from dlngraph.fitting import fit, projected
+    from dlngraph.fitting import fit
     from dlngraph.runtime.rundir import default_path
 
     plan = compile_spec(spec)
-    per, whole = plan.estimate_per_iteration, projected(plan, iterations)
+    per, whole = plan.estimate_per_iteration, plan.estimate(iterations)
     typer.echo(
         f"{plan.name}: per iteration ~{per.calls} batched calls, {per.requests} requests, "
         f"{per.prompt_tokens + per.completion_tokens} tokens"
