@@ -12,38 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime.backends.base import Backend
 from dlngraph.runtime.checkpoint import load_yaml
+from dlngraph.runtime.evaluation import Evaluation
 from dlngraph.runtime.files import check_output, write_jsonl
 
 SpecLike = str | Path | ExecutionPlan
-
-
-@dataclass
-class EvalResult:
-    split: str
-    metric: str
-    correct: int
-    total: int
-    per_output: dict[str, float]  # output node -> its metric
-    predictions: list[dict[str, Any]]
-    usage: dict[str, Usage] = field(default_factory=dict)  # backend -> usage
-
-    @property
-    def score(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-    @property
-    def model_calls(self) -> int:
-        """Batched calls that reached a model (cache hits excluded)."""
-        return sum(u.calls for u in self.usage.values())
 
 
 def compile_plan(spec: SpecLike) -> ExecutionPlan:
@@ -137,14 +117,14 @@ def evaluate(
     batch_size: int = 16,
     backends: Mapping[str, Backend] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-) -> EvalResult:
+) -> Evaluation:
     """Score the output nodes on `split`; `on_batch(done, total)` reports progress.
 
     `out` is checked before the first model call: never the spec, its data or
     the checkpoint, never a non-regular file, an existing file only with `force`."""
     from dlngraph.runtime.data import read_jsonl
+    from dlngraph.runtime.evaluation import evaluate as score
     from dlngraph.runtime.executor import Executor
-    from dlngraph.runtime.metrics import is_correct
 
     plan = compile_plan(spec)
     path = plan.data_paths.get(split)
@@ -152,59 +132,18 @@ def evaluate(
         raise RuntimeFailure(f"the spec names no `data.{split}` file", hint="add it under `data:` in the spec")
     if out is not None:
         out = check_output(out, protected=input_files(plan, checkpoint), force=force)
-    targets = plan.spec.outputs
-    examples = read_jsonl(Path(path), [*plan.spec.inputs, *sorted(set(targets.values()))], limit=limit)
-    predictions: list[dict[str, Any]] = []
-    hits = dict.fromkeys(targets, 0)
+    examples = read_jsonl(Path(path), [*plan.spec.inputs, *sorted(set(plan.spec.outputs.values()))], limit=limit)
     with ExitStack() as stack:
         if backends is None:
             backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
             stack.callback(_close_all, backends)
-        before = {name: b.usage.copy() for name, b in backends.items()}
         executor = Executor(
             plan, backends, _prompts(checkpoint, prompts), run_dir=_run_dir(checkpoint), **load_learned(checkpoint)
         )
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            result = executor.run(batch)
-            for offset, example in enumerate(batch):
-                outputs = result.outputs(offset)
-                marks = {n: is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in targets.items()}
-                for n, ok in marks.items():
-                    hits[n] += ok
-                predictions.append(_prediction(start + offset, example, plan, outputs, marks))
-            if on_batch is not None:
-                on_batch(min(start + batch_size, len(examples)), len(examples))
-        usage = {name: b.usage - before[name] for name, b in backends.items()}
+        result = score(executor, examples, split=split, batch_size=batch_size, on_batch=on_batch)
     if out is not None:
-        write_jsonl(out, predictions)  # atomic: a crash never leaves half a predictions file
-    return EvalResult(
-        split=split,
-        metric=plan.spec.metric,
-        correct=sum(p["correct"] for p in predictions),
-        total=len(predictions),
-        per_output={n: hits[n] / len(examples) if examples else 0.0 for n in sorted(targets)},
-        predictions=predictions,
-        usage=usage,
-    )
-
-
-def _prediction(
-    index: int, example: Mapping[str, str], plan: ExecutionPlan, outputs: Mapping[str, str], marks: Mapping[str, bool]
-) -> dict[str, Any]:
-    """One predictions line; with several output nodes, target and prediction are per node."""
-    targets = plan.spec.outputs
-    row: dict[str, Any] = {"index": index, **{f: example[f] for f in plan.spec.inputs}}
-    if len(targets) == 1:
-        [(node, field_)] = targets.items()
-        row.update(target=example[field_], prediction=outputs[node])
-    else:
-        row.update(
-            target={n: example[f] for n, f in sorted(targets.items())},
-            prediction={n: outputs[n] for n in sorted(targets)},
-        )
-    row["correct"] = all(marks.values())
-    return row
+        write_jsonl(out, result.predictions)  # atomic: a crash never leaves half a predictions file
+    return result
 
 
 def input_files(plan: ExecutionPlan, checkpoint: str | Path | None) -> dict[str, Path]:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dlngraph.compiler.plan import ExecutionPlan, NodeKind
-from dlngraph.runtime import demos, metrics
+from dlngraph.runtime import demos
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime.backward import rng_for
 from dlngraph.runtime.data import Example, read_jsonl
+from dlngraph.runtime.evaluation import Evaluation, evaluate
 from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers.base import Params
 from dlngraph.runtime.optimizer import Optimizer
@@ -138,9 +139,10 @@ class Fit:
         params = self.calibrate(
             {n: Params(self.plan.spec.nodes[n].prompt, demos.initial(self.plan, n, self.seed)) for n in self.trainer.parameters()}  # type: ignore[union-attr]
         )
-        dev_acc, dev_loglik, predictions = self.evaluate(params, dev_set)
-        self.run.write_predictions("initial", predictions)
-        best = _learned(params, iteration=0, dev_acc=dev_acc, dev_loglik=dev_loglik)
+        dev = self.evaluate(params, dev_set)
+        self.run.write_predictions("initial", dev.predictions)
+        dev_acc = dev.score
+        best = _learned(params, iteration=0, dev_acc=dev_acc, dev_loglik=dev.loglik)
         state = self.state(0, params, best, 0, False, [best] if dev_set and self.plan.spec.train.memory else [])
         self.record(0, None, dev_acc, {}, {}, [], before, started)
         self.commit(state)
@@ -158,8 +160,9 @@ class Fit:
         best, patience_used, remembered = state["best"], state["early_stop"]["evaluations_without_gain"], state.get("memory", [])
         dev_acc = None
         if dev_set and (iteration % train.eval_every == 0 or iteration == self.iterations):
-            dev_acc, dev_loglik, _ = self.evaluate(params, dev_set)
-            entry = _learned(params, iteration=iteration, dev_acc=dev_acc, dev_loglik=dev_loglik)
+            dev = self.evaluate(params, dev_set)
+            dev_acc = dev.score
+            entry = _learned(params, iteration=iteration, dev_acc=dev_acc, dev_loglik=dev.loglik)
             remembered = _remember(remembered, entry, train.memory)
             if _rank(entry) > _rank(best):
                 best, patience_used = entry, 0
@@ -290,29 +293,13 @@ class Fit:
             total.add(backend.usage)
         return total
 
-    def evaluate(
-        self, params: Mapping[str, Params], examples: list[Example]
-    ) -> tuple[float, float | None, list[dict[str, Any]]]:
-        """Accuracy of the output nodes on `examples` (one batched call per node), the
-        mean (calibrated) log-prob of the targets of choice outputs, and predictions."""
-        if not examples:
-            return 0.0, None, []
+    def evaluate(self, params: Mapping[str, Params], examples: list[Example]) -> Evaluation:
+        """The output nodes on `examples` in one batched call per node (`runtime.evaluation`)."""
         assert self.trainer is not None
-        result = self.trainer.executor(params).run(examples)
-        outputs = [result.outputs(i) for i in range(len(examples))]
-        rows = [_prediction(self.plan, i, ex, out) for i, (ex, out) in enumerate(zip(examples, outputs))]
-        logprobs = [
-            record.choice_logprobs[i][ex[self.plan.spec.outputs[n]]]
-            for n, record in sorted(result.records.items())
-            if n in self.plan.spec.outputs and record.choice_logprobs is not None
-            for i, ex in enumerate(examples)
-        ]
-        loglik = round(sum(logprobs) / len(logprobs), 6) if logprobs else None
-        return metrics.accuracy(self.plan, outputs, examples), loglik, rows
+        return evaluate(self.trainer.executor(params), examples)
 
     def finish(self, state: dict[str, Any], dev_set: list[Example]) -> None:
-        _, _, predictions = self.evaluate(_params(state["best"]), dev_set)
-        self.run.write_predictions("best", predictions)
+        self.run.write_predictions("best", self.evaluate(_params(state["best"]), dev_set).predictions)
         plot_curve(self.run.read(self.run.metrics), self.run.curve, self.plan.name)
 
 
@@ -353,19 +340,3 @@ def _remember(memory: list[dict[str, Any]], entry: dict[str, Any], size: int) ->
     kept.sort(key=lambda e: (_rank(e), -e["iteration"]), reverse=True)
     return kept[:size]
 
-
-def _prediction(plan: ExecutionPlan, index: int, example: Example, outputs: Mapping[str, str]) -> dict[str, Any]:
-    """A predictions line: {"index", "input", "target", "prediction", "correct"}; with
-    several inputs or outputs the fields hold {name: value} mappings."""
-    spec = plan.spec
-
-    def one_or_all(values: dict[str, str]) -> str | dict[str, str]:
-        return next(iter(values.values())) if len(values) == 1 else values
-
-    return {
-        "index": index,
-        "input": one_or_all({f: example[f] for f in spec.inputs}),
-        "target": one_or_all({n: example[f] for n, f in sorted(spec.outputs.items())}),
-        "prediction": one_or_all({n: outputs[n] for n in sorted(spec.outputs)}),
-        "correct": metrics.all_correct(plan, outputs, example),
-    }

@@ -22,9 +22,14 @@ def is_correct(metric: str, prediction: str, target: str) -> bool:
     return prediction.strip() == target.strip()  # accuracy: labels must match exactly
 
 
+def marks(plan: "ExecutionPlan", outputs: Mapping[str, str], example: Mapping[str, str]) -> dict[str, bool]:
+    """Whether each output node of `plan` matches its target in `example`."""
+    return {n: is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in plan.spec.outputs.items()}
+
+
 def all_correct(plan: "ExecutionPlan", outputs: Mapping[str, str], example: Mapping[str, str]) -> bool:
     """Every output node of `plan` matches its target in `example`."""
-    return all(is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in plan.spec.outputs.items())
+    return all(marks(plan, outputs, example).values())
 
 
 def accuracy(plan: "ExecutionPlan", outputs: Sequence[Mapping[str, str]], examples: Sequence[Mapping[str, str]]) -> float:
