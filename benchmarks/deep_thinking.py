@@ -79,7 +79,7 @@ def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any, eta
         calibration="contextual",
     )
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
-                    (), False, "target")
+                    (), False, "target", spec=spec)
     paths = {split: data_dir(task) / f"{split}.jsonl" for split in ("train", "dev", "test")}
     return DeepThinkingLayer(node, spec, backend, data_paths=paths)
 

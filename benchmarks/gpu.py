@@ -289,7 +289,7 @@ def report_deep_thinking(backends: dict[str, TorchBackend], limits: Limits, step
         steps=steps,
     )
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
-                    (), False, "target")
+                    (), False, "target", spec=spec)
     rows = [{"input": e["input"]} for e in read_jsonl(data / "test.jsonl", ["input"], limit=queries)]
     print(f"\ndeep-thinking (mpqa, 8 demonstrations, T={steps}):")
     for label, backend in backends.items():

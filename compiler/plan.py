@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dlngraph.errors import Span
-from dlngraph.spec import Spec
+from dlngraph.spec import DeepThinkingNode, LayerNode, Spec
 
 
 class NodeKind(StrEnum):
@@ -41,14 +41,28 @@ class PlanNode:
     children: tuple[str, ...]
     trainable: bool
     target: str | None  # dataset field when the node is an output
+    spec: LayerNode | DeepThinkingNode  # the validated node, typed per kind: what its layer reads
     span: Span = field(default_factory=Span, compare=False)
     demos: int = 0  # demonstrations the template shows as `{{ demos }}` (learned with the prompt)
     calibration: str = "none"  # label-prior removal of a choice layer: none | contextual | batch
-    proposer: str = ""  # backend writing the node's proposals and posterior samples (trainable layers)
+    proposer: str = ""  # backend writing the node's proposals and posterior samples (trained or hidden layers)
+    # A hidden layer whose targets a trainable node (itself or upstream) needs: its
+    # backward samples candidates and scores them under itself and its children.
+    needs_posterior: bool = False
 
     @property
     def is_output(self) -> bool:
         return self.target is not None
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether the backward knows what this node should have output (data or posterior)."""
+        return self.is_output or self.needs_posterior
+
+    @property
+    def layer_key(self) -> tuple[NodeKind, str]:
+        """The key of the node's layer kind in the runtime's one registry (runtime/layers)."""
+        return (self.kind, self.output_type)
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ class ExecutionPlan:
             "name": self.spec.name,
             "spec": self.spec_path.name,
             "nodes": {
-                n: {k: v for k, v in _dataclass_dict(p).items() if k != "span"}
+                n: {k: v for k, v in _dataclass_dict(p).items() if k not in ("span", "spec")}
                 for n, p in sorted(self.nodes.items())
             },
             "spec_sha256": self.spec_sha256,

@@ -6,10 +6,13 @@ REQUIRES "acyclic", "capable", "data_checked". GUARANTEES "planned".
   its demonstrations (and, without a fixed `steps`, the dev scoring that picks T).
 - forward: networkx topological generations, names sorted within a stage;
   one batched call per node, sized for one training batch (`batch_size`).
-- backward: the generations reversed; per stage the calls of the variational
-  step, merged per (backend, purpose): posterior sampling (B x K) and child
-  re-scoring for hidden nodes whose targets something upstream needs, prompt
-  proposals (N - 1) and candidate scoring (N x B) for trainable layers.
+- backward: the generations reversed; per stage exactly the calls the trainer
+  makes, merged per (backend, op, purpose) and executed by it call by call:
+  for hidden layers whose targets something trainable needs (`needs_posterior`),
+  posterior sampling (B x K, text layers; a choice layer's candidates are its
+  choices) and child re-scoring (every candidate under the node itself and under
+  each child that has targets); for trainable layers prompt proposals (N - 1)
+  and candidate scoring (N x B, twice for a text layer under a trust region).
 - evaluation: one forward over `dev_size` dev examples (all of dev if unset),
   run before training and every `eval_every` iterations, after the label priors
   of calibrated choice layers are estimated again (`calibration`: a forward over
@@ -34,7 +37,7 @@ import networkx as nx
 
 from dlngraph.capabilities import Capability
 from dlngraph.errors import SpecError
-from dlngraph.spec import CONTENT_FREE_INPUTS, DeepThinkingNode, Spec
+from dlngraph.spec import CONTENT_FREE_INPUTS, DeepThinkingNode, LayerNode, Spec
 
 from dlngraph.compiler import templates
 from dlngraph.compiler.ir import FieldProfile, NodeData, NodeKind, Unit, nodes
@@ -61,9 +64,9 @@ def run(unit: Unit) -> Unit:
     generations = [tuple(sorted(g)) for g in nx.topological_generations(graph)]
     train = spec.train
     forward = tuple(Stage(i, g, tuple(sizes.forward(data[n], train.batch_size) for n in g)) for i, g in enumerate(generations))
-    upstream = _trains_upstream(data, generations)
+    needs = _needs_posterior(data, generations)
     backward = tuple(
-        Stage(i, g, _merge(call for n in g for call in _backward_calls(data[n], upstream[n], graph, sizes, spec)))
+        Stage(i, g, _merge(call for n in g for call in _backward_calls(data[n], needs, graph, sizes, spec)))
         for i, g in enumerate(reversed(generations))
     )
     dev_rows = _dev_rows(spec, unit.profiles)
@@ -79,7 +82,7 @@ def run(unit: Unit) -> Unit:
     plan = ExecutionPlan(
         spec=spec,
         spec_path=unit.path.resolve(),
-        nodes={name: _plan_node(d, graph, spec) for name, d in data.items()},
+        nodes={name: _plan_node(d, graph, spec, needs[name]) for name, d in data.items()},
         think=think,
         forward=forward,
         backward=backward,
@@ -170,32 +173,41 @@ class _Sizes:
         return BatchedCall("score", purpose, d.backend, (d.name,), count * per, count * per * self.prompt(d), count * per * target_tokens)
 
 
-def _trains_upstream(data: dict[str, NodeData], generations: list[tuple[str, ...]]) -> dict[str, bool]:
-    """Node -> whether some ancestor is trainable (one pass in topological order)."""
-    out: dict[str, bool] = {}
+def _needs_posterior(data: dict[str, NodeData], generations: list[tuple[str, ...]]) -> dict[str, bool]:
+    """Node -> whether it is a hidden layer whose targets a trainable node (itself or
+    upstream) needs (one pass in topological order). The trainer reads this, never decides it."""
+    upstream: dict[str, bool] = {}
     for generation in generations:
         for name in generation:
-            out[name] = any(data[p].trainable or out[p] for p in data[name].parents)
-    return out
+            upstream[name] = any(data[p].trainable or upstream[p] for p in data[name].parents)
+    return {
+        name: d.kind is NodeKind.LAYER and d.target is None and (d.trainable or upstream[name])
+        for name, d in data.items()
+    }
 
 
 def _backward_calls(
-    d: NodeData, trains_upstream: bool, graph: nx.DiGraph, sizes: _Sizes, spec: Spec
+    d: NodeData, needs: dict[str, bool], graph: nx.DiGraph, sizes: _Sizes, spec: Spec
 ) -> list[BatchedCall]:
+    """The node's share of its backward stage, as the trainer makes it: posterior
+    sampling (hidden text layers), scoring every candidate under the node itself and
+    under each child that has targets, proposals and candidate scoring (trainable)."""
     train = spec.train
     b, k, n = train.batch_size, train.posterior_samples, train.prompt_proposals
     calls: list[BatchedCall] = []
-    hidden = d.target is None
-    if hidden and (d.trainable or trains_upstream):
-        candidates = k if d.output_type == "text" else len(d.choices)
+    if needs[d.name]:
+        # per example: the current output and K samples (text), or every choice
+        candidates = k + 1 if d.output_type == "text" else len(d.choices)
         if d.output_type == "text":
             children_targets = sum(sizes.output(sizes.data[c]) for c in graph.successors(d.name))
             p = sizes.prompt(d) + children_targets + META_PROMPT_OVERHEAD_TOKENS
             proposer = train.proposer or d.backend
             calls.append(BatchedCall("generate", "posterior_sampling", proposer, (d.name,), b * k, b * k * p, b * k * sizes.output(d)))
+        calls.append(sizes.score_targets(d, b * candidates, "child_rescoring", sizes.output(d)))
         for child in sorted(graph.successors(d.name)):
             c = sizes.data[child]
-            calls.append(sizes.score_targets(c, b * candidates, "child_rescoring", sizes.output(c)))
+            if c.target is not None or needs[child]:
+                calls.append(sizes.score_targets(c, b * candidates, "child_rescoring", sizes.output(c)))
     if d.trainable:
         meta = (
             META_PROMPT_OVERHEAD_TOKENS
@@ -205,7 +217,9 @@ def _backward_calls(
         if n > 1:
             proposer = train.proposer or d.backend
             calls.append(BatchedCall("generate", "prompt_proposals", proposer, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
-        calls.append(sizes.score_targets(d, sizes.candidates(d) * b, "candidate_scoring", sizes.output(d)))
+        # a text layer under a trust region also scores its current outputs under every candidate
+        scored = 2 if train.trust_region > 0 and d.output_type == "text" else 1
+        calls.append(sizes.score_targets(d, scored * sizes.candidates(d) * b, "candidate_scoring", sizes.output(d)))
     return calls
 
 
@@ -282,7 +296,7 @@ def _dev_rows(spec: Spec, profiles: dict[str, FieldProfile]) -> int:
     return min(spec.train.dev_size, dev.rows) if spec.train.dev_size else dev.rows
 
 
-def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec) -> PlanNode:
+def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec, needs_posterior: bool) -> PlanNode:
     return PlanNode(
         name=d.name,
         kind=d.kind,
@@ -295,8 +309,10 @@ def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec) -> PlanNode:
         children=tuple(sorted(graph.successors(d.name))),
         trainable=d.trainable,
         target=d.target,
+        spec=d.spec,
         span=d.span,
-        demos=d.spec.demos.count if getattr(d.spec, "demos", None) is not None else 0,  # type: ignore[union-attr]
-        calibration=getattr(d.spec, "calibration", "none"),
-        proposer=(spec.train.proposer or d.backend) if d.trainable else "",
+        demos=d.spec.demos.count if isinstance(d.spec, LayerNode) and d.spec.demos is not None else 0,
+        calibration=d.spec.calibration,
+        proposer=(spec.train.proposer or d.backend) if d.trainable or needs_posterior else "",
+        needs_posterior=needs_posterior,
     )

@@ -88,7 +88,7 @@ def _rendered(template: str, separator: str, demos: tuple[Demo, ...], node: str 
 def pool(plan: ExecutionPlan, name: str) -> list[Demo]:
     """Every train example as a demonstration for node `name` (empty without a train split)."""
     path = plan.data_paths.get("train")
-    target = plan.spec.outputs.get(name)
+    target = plan.nodes[name].target
     if path is None or target is None:
         return []
     return list(_pool(Path(path), tuple(plan.nodes[name].inputs), target, path.stat().st_mtime_ns))
@@ -102,7 +102,8 @@ def _pool(path: Path, inputs: tuple[str, ...], target: str, _mtime: int) -> tupl
 def initial(plan: ExecutionPlan, name: str, seed: int) -> tuple[Demo, ...]:
     """The node's demonstrations before any fit: the spec's fixed `examples`, else a
     balanced draw of `count` from train seeded by (seed, node)."""
-    spec = plan.spec.nodes[name].demos  # type: ignore[union-attr]
+    node = plan.nodes[name].spec
+    spec = node.demos if isinstance(node, LayerNode) else None
     if spec is None:
         return ()
     if spec.examples is not None:

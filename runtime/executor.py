@@ -1,8 +1,9 @@
 """The forward executor: an interpreter over the plan's forward stages.
 
-Like torch.fx's `Interpreter`: `run` walks the stages, `run_node` dispatches to
-one method per node kind (`layer`, `deep_thinking`); a mode needing other
-semantics subclasses it. Every node is ONE batched backend call over all rows
+Like torch.fx's `Interpreter`: `run` walks the stages (the plan's `forward`, or
+its `evaluation`), `run_node` runs the node's layer, bound through the one
+registry of layer kinds (runtime/layers); a mode needing other semantics
+subclasses it. Every node is ONE batched backend call over all rows
 of the batch. Nodes of a stage that use different backends run concurrently
 (one thread per backend; nodes sharing a backend run one after another, so
 each node's usage is the difference of its backend's counters). Errors carry
@@ -16,14 +17,14 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from dlngraph.compiler.plan import ExecutionPlan, PlanNode, Stage
+from dlngraph.compiler.plan import ExecutionPlan, Stage
 from dlngraph.errors import DlngraphError, RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime import demos
-from dlngraph.runtime.layers import choice, text
-from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
+from dlngraph.runtime.layers import bind
+from dlngraph.runtime.layers.base import ForwardRecord, Layer, Params, Row
+from dlngraph.spec import LayerNode
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Executor:
         backends: Mapping[str, Backend],
         prompts: Mapping[str, str] | None = None,
         *,
-        layers: Mapping[str, Any] | None = None,
+        layers: Mapping[str, Layer] | None = None,
         run_dir: Path | None = None,
         seed: int = 0,
         demos: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
@@ -60,7 +61,7 @@ class Executor:
         self.demos = {n: tuple(tuple(sorted(d.items())) for d in ds) for n, ds in (demos or {}).items()}
         self.calibration = {n: tuple(sorted(b.items())) for n, b in (calibration or {}).items()}
         self.params = dict(params or {})
-        self.layers = dict(layers or {})  # prepared layer objects (e.g. a learned Deep-Thinking state)
+        self.layers = dict(layers or {})  # bound layers, given ones first (e.g. a learned Deep-Thinking state)
         self.run_dir = run_dir  # where Deep-Thinking states are saved and found
         self.seed = seed
         unknown = sorted((set(self.prompts) | set(self.demos) | set(self.calibration) | set(self.params)) - set(plan.nodes))
@@ -70,29 +71,35 @@ class Executor:
                 hint=f"the spec's nodes are {', '.join(sorted(plan.nodes))}",
             )
 
-    def prompt_of(self, name: str) -> str:
-        if name in self.params:
-            return self.params[name].prompt
-        return self.prompts.get(name, getattr(self.plan.spec.nodes[name], "prompt", ""))
-
     def params_of(self, name: str) -> Params:
-        """A layer's parameters: given ones, else the spec's prompt, demonstrations
+        """A node's parameters: given ones, else the spec's prompt, demonstrations
         (its fixed examples, or a balanced draw from train seeded by the spec's
-        train seed, as the fit starts from) and fitted prior, each overridable."""
+        train seed, as the fit starts from) and fitted prior, each overridable.
+        A Deep-Thinking node has none (its K/V state answers)."""
         if name in self.params:
             return self.params[name]
-        spec = self.plan.spec.nodes[name]
+        spec = self.plan.nodes[name].spec
+        if not isinstance(spec, LayerNode):
+            return Params("")
         shown = self.demos.get(name)
         if shown is None:
             shown = demos.initial(self.plan, name, self.plan.spec.train.seed)
         bias = self.calibration.get(name)
-        if bias is None and getattr(spec, "calibration_bias", None) is not None:
-            bias = tuple(sorted(spec.calibration_bias.items()))  # type: ignore[union-attr]
-        return Params(self.prompt_of(name), shown, bias)
+        if bias is None and spec.calibration_bias is not None:
+            bias = tuple(sorted(spec.calibration_bias.items()))
+        return Params(self.prompts.get(name, spec.prompt), shown, bias)
 
-    def run(self, examples: Sequence[Mapping[str, str]]) -> RunResult:
+    def layer(self, name: str) -> Layer:
+        """Node `name`'s layer: a given one, else bound once from the registry."""
+        layer = self.layers.get(name)
+        if layer is None:
+            layer = self.layers[name] = bind(self.plan, name, self.backends[self.plan.nodes[name].backend], self.run_dir)
+        return layer
+
+    def run(self, examples: Sequence[Mapping[str, str]], stages: Sequence[Stage] | None = None) -> RunResult:
+        """The plan's forward stages over `examples` (or `stages`, e.g. `plan.evaluation`)."""
         result = RunResult(records={})
-        for stage in self.plan.forward:
+        for stage in self.plan.forward if stages is None else stages:
             self.run_stage(stage, examples, result)
         return result
 
@@ -137,12 +144,8 @@ class Executor:
         return record, usage
 
     def run_node(self, name: str, rows: list[Row]) -> ForwardRecord:
-        node = self.plan.nodes[name]
-        method = getattr(self, f"node_{node.kind}", None)
-        if method is None:
-            raise RuntimeFailure(f"no executor for node kind '{node.kind}'", node=name)
         try:
-            return method(node, self.plan.spec.nodes[name], self.backends[node.backend], rows)
+            return self.layer(name).forward(rows, self.params_of(name), seed=self.seed)
         except RuntimeFailure as exc:
             if exc.node:
                 raise
@@ -151,27 +154,6 @@ class Executor:
             raise
         except Exception as exc:  # a backend or model crash: say where, keep the cause
             raise RuntimeFailure(f"{type(exc).__name__}: {exc}", node=name) from exc
-
-    # One method per node kind ------------------------------------------------
-
-    def node_layer(self, node: PlanNode, spec: Any, backend: Backend, rows: list[Row]) -> ForwardRecord:
-        params = self.params_of(node.name)
-        if spec.output.type == "choice":
-            return choice.forward(node, spec, backend, params, rows)
-        return text.forward(node, spec, backend, params, rows, seed=self.seed)
-
-    def node_deep_thinking(self, node: PlanNode, spec: Any, backend: Backend, rows: list[Row]) -> ForwardRecord:
-        layer = self.layers.get(node.name)
-        if layer is None:
-            try:
-                from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
-            except ImportError as exc:
-                raise RuntimeFailure(
-                    "deep_thinking nodes are not available in this build", node=node.name
-                ) from exc
-            layer = DeepThinkingLayer.from_plan(self.plan, node.name, backend, run_dir=self.run_dir)
-            self.layers[node.name] = layer
-        return layer.forward(rows)
 
 
 def _with_node(exc: RuntimeFailure, name: str) -> RuntimeFailure:

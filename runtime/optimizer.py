@@ -21,8 +21,9 @@ whole parameters, with the search signal a small model needs (issue 14):
   a candidate shows as a demonstration is left out of its mean;
 - the choice: argmax, ties keeping the current parameters.
 
-All proposals of a stage are one generate call, all candidates x examples one
-score call, per backend, as the plan lists them.
+The optimizer makes the stage's `prompt_proposals` and `candidate_scoring`
+calls as the plan lists them (`Trainer.run_calls`): all proposals of a stage
+one generate call, all candidates x examples one score call, per backend.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dlngraph.runtime.backward import (
     stable_seed,
 )
 from dlngraph.runtime.layers.base import Demo, Params
+from dlngraph.spec import LayerNode
 
 if TYPE_CHECKING:
     from dlngraph.runtime.trainer import Pass, Trainer
@@ -79,27 +81,22 @@ class DLNSearch:
         iteration: int,
         memory: Sequence[Mapping[str, Params]],
     ) -> dict[str, Selection[Params]]:
-        names = [n for n in stage.nodes if n in trainer.parameters() and n in state.targets]
+        names = [n for n in stage.nodes if trainer.plan.nodes[n].trainable]
         if not names:
             return {}
         train = trainer.train
-        proposing = [n for n in names if train.prompt_proposals > 1]
-        texts = trainer.dispatch(
-            stage,
-            "prompt_proposals",
-            [
-                proposal_requests(
-                    trainer.proposer_of(n),
-                    params[n].prompt,
-                    trainer.attempts(n, state),
-                    train,
-                    rng_for(trainer.seed, iteration, f"meta-examples/{n}"),
-                    stable_seed(trainer.seed, iteration, n, "proposals"),
-                )
-                for n in proposing
-            ],
-        )
-        proposed = dict(zip(proposing, texts))
+        proposals = {
+            n: proposal_requests(
+                trainer.plan.nodes[n].proposer,
+                params[n].prompt,
+                trainer.attempts(n, state),
+                train,
+                rng_for(trainer.seed, iteration, f"meta-examples/{n}"),
+                stable_seed(trainer.seed, iteration, n, "proposals"),
+            )
+            for n in names  # (with N = 1 nothing to ask, and the plan lists no call)
+        }
+        proposed = trainer.run_calls(stage, "prompt_proposals", proposals)
         candidates: dict[str, list[Params]] = {}
         dropped: dict[str, dict[str, int]] = {}
         for n in names:
@@ -111,23 +108,24 @@ class DLNSearch:
             pool = [current, *(Params(p, current.demos) for p in kept), *remembered]
             pool += self.demo_candidates(trainer, n, current, state, iteration)
             candidates[n] = list(dict.fromkeys(pool))  # the same parameters are scored once
-        trust_text = train.trust_region > 0
-        deferred = []
+        # per node: its targets under every candidate, and under a trust region a text
+        # layer's current outputs too (how far each candidate moves them)
+        deferred = {}
         for n in names:
             rows, targets = state.rows[n], state.targets[n]
-            deferred.append(trainer.score_targets(n, [(p, row, t) for p in candidates[n] for row, t in zip(rows, targets)]))
-            if trust_text and trainer.plan.nodes[n].output_type == "text":
+            deferred[(n, "targets")] = trainer.score_targets(n, [(p, row, t) for p in candidates[n] for row, t in zip(rows, targets)])
+            if train.trust_region > 0 and trainer.plan.nodes[n].output_type == "text":
                 outputs = state.result.records[n].outputs
-                deferred.append(trainer.score_targets(n, [(p, r, o) for p in candidates[n] for r, o in zip(rows, outputs)]))
-        scored = iter(trainer.dispatch(stage, "candidate_scoring", deferred))
+                deferred[(n, "outputs")] = trainer.score_targets(n, [(p, r, o) for p in candidates[n] for r, o in zip(rows, outputs)])
+        scores = trainer.run_calls(stage, "candidate_scoring", deferred, by=lambda key: key[0])
         selections: dict[str, Selection[Params]] = {}
+        b = len(state.batch)
         for n in names:
-            b = len(state.batch)
-            flat = next(scored)
+            flat = scores[(n, "targets")]
             per_candidate = [flat[i : i + b] for i in range(0, len(flat), b)]
             current_outputs = None
-            if trust_text and trainer.plan.nodes[n].output_type == "text":
-                flat = next(scored)
+            if (n, "outputs") in scores:
+                flat = scores[(n, "outputs")]
                 current_outputs = [flat[i : i + b] for i in range(0, len(flat), b)]
             shown = self.batch_demos(trainer, n, state)
             masks = [[d not in set(p.demos) for d in shown] for p in candidates[n]] if shown else None
@@ -146,7 +144,8 @@ class DLNSearch:
     ) -> list[Params]:
         """Demonstration sets to try with the current instruction: balanced redraw,
         bootstrapped (correct batch examples first), one swap, in turn."""
-        spec = trainer.plan.spec.nodes[name].demos  # type: ignore[union-attr]
+        node = trainer.plan.nodes[name].spec
+        spec = node.demos if isinstance(node, LayerNode) else None
         if spec is None or not spec.search:
             return []
         everything = trainer.demo_pool(name)
@@ -172,6 +171,6 @@ class DLNSearch:
     def batch_demos(trainer: "Trainer", name: str, state: "Pass") -> list[Demo]:
         """Each batch example as node `name` would show it as a demonstration ([] without demos)."""
         node = trainer.plan.nodes[name]
-        if trainer.plan.spec.nodes[name].demos is None or node.target is None:  # type: ignore[union-attr]
+        if not isinstance(node.spec, LayerNode) or node.spec.demos is None or node.target is None:
             return []
         return [demos.as_demo(ex, node.inputs, node.target) for ex in state.batch]

@@ -1,23 +1,26 @@
 """The variational trainer: DLN-1 per node, generalized to DAGs (arXiv 2306.12509).
 
-`Trainer.step` runs one iteration on a mini-batch: a forward over the plan,
-then the plan's backward stages in order (reverse topological generations).
+`Trainer.step` runs one iteration on a mini-batch: the plan's forward, then the
+plan's backward stages in order (reverse topological generations), CALL BY
+CALL: the plan lists every backend call of a stage (`Stage.calls`, the
+schedule is the program), and for each call a handler per purpose builds the
+requests of the call's nodes from their layers (`Deferred`s) and `send`s them
+as that ONE call, identical requests once. The trainer never decides again
+which node needs what: the plan node says (`needs_posterior`, `has_targets`,
+`trainable`, `proposer`). A stage whose calls were not made exactly as listed
+is a `PlanMismatch` (a bug, never a user error).
+
 Output nodes' targets are the data. A hidden node's targets come from its
 posterior: candidates (its current output + K samples for text, every choice
 for choice nodes) weighted by softmax((log p(candidate | inputs) + sum over
 children of log p(child target | candidate)) / T); the best-weighted candidate
 becomes its target, which its parents see in a later stage. A node with several
-children sums all their feedback. Every trainable layer then takes a DLN-1
-step: N-1 proposals from a meta-prompt plus the current prompt, all N x B
-scored, argmax. How a layer's candidates are made and chosen is the
-optimizer's (runtime/optimizer.py, a strategy object); the trainer only runs
-the stages. Parameter updates apply after the whole backward pass, so every
-stage reads the same (current) network. A layer's parameters (`Params`) are its
-instruction, its demonstrations and its fitted label prior.
-
-The trainer holds no model logic: the layer modules build the requests
-(`Deferred`), and `dispatch` merges a stage's requests into ONE call per
-(backend, op, purpose), deduplicated, as the plan's schedule lists them.
+children sums all their feedback. Every trainable layer then takes a step of the
+optimizer (runtime/optimizer.py, a strategy object making the stage's
+`prompt_proposals` and `candidate_scoring` calls). Parameter updates apply after
+the whole backward pass, so every stage reads the same (current) network. A
+layer's parameters (`Params`) are its instruction, its demonstrations and its
+fitted label prior.
 
 The loop around it (evaluation, checkpoints, resume) is `runtime/fit.py`.
 """
@@ -25,12 +28,11 @@ The loop around it (evaluation, checkpoints, resume) is `runtime/fit.py`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
-from dlngraph.compiler.plan import ExecutionPlan, NodeKind, Stage
+from dlngraph.compiler.plan import BatchedCall, ExecutionPlan, Stage
 from dlngraph.runtime.backends.base import Backend
 from dlngraph.runtime import demos
 from dlngraph.runtime.backward import (
@@ -44,27 +46,28 @@ from dlngraph.runtime.backward import (
 )
 from dlngraph.runtime.data import Example
 from dlngraph.runtime.executor import Executor, RunResult
-from dlngraph.runtime.layers import choice, text
-from dlngraph.runtime.layers.base import Demo, Params, Row
+from dlngraph.runtime.layers import bind
+from dlngraph.runtime.layers.base import Demo, HiddenLayer, Layer, Params, Row
 from dlngraph.runtime import metrics
 from dlngraph.runtime.optimizer import DLNSearch, Optimizer
 from dlngraph.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
-LAYERS: dict[str, ModuleType] = {"choice": choice, "text": text}
 THINK_OP = "think:"
 POSTERIOR_EXAMPLES_LOGGED = 3
 
 
+class PlanMismatch(AssertionError):
+    """The trainer was about to make a call the plan does not list, or left one out: a bug."""
+
+
 @dataclass(frozen=True)
-class CallRecord:
-    """One batched backend call the backward pass made."""
+class MadeCall:
+    """One backend call the backward pass made: the plan's call and the requests sent."""
 
     stage: int
-    purpose: str
-    backend: str
-    op: str
+    call: BatchedCall
     requests: int
 
 
@@ -109,18 +112,21 @@ class Trainer:
         backends: Mapping[str, Backend],
         *,
         seed: int,
-        layers: Mapping[str, Any] | None = None,
+        layers: Mapping[str, Layer] | None = None,
         events: Events | None = None,
         optimizer: Optimizer | None = None,
     ) -> None:
         self.plan = plan
         self.backends = backends
         self.seed = seed
-        self.layers = dict(layers or {})
+        # Every node's layer, bound once (given ones first, e.g. a prepared Deep-Thinking state).
+        self.layers: dict[str, Layer] = {
+            n: (layers or {}).get(n) or bind(plan, n, backends[node.backend]) for n, node in plan.nodes.items()
+        }
         self.events = events or Events()
         self.optimizer: Optimizer = optimizer or DLNSearch()
-        self.calls: list[CallRecord] = []
-        self.needs_posterior = _needs_posterior(plan)
+        self.made: list[MadeCall] = []
+        self.current: tuple[int, BatchedCall] | None = None  # the call being sent (context for recorders)
 
     @property
     def train(self) -> TrainSpec:
@@ -128,17 +134,13 @@ class Trainer:
 
     def parameters(self) -> list[str]:
         """The nodes whose prompt is learned (the one walk that finds them)."""
-        return [n for n, node in sorted(self.plan.nodes.items()) if node.kind == NodeKind.LAYER and node.trainable]
+        return [n for n, node in sorted(self.plan.nodes.items()) if node.trainable]
 
-    def executor(self, params: Mapping[str, Params] | Mapping[str, str]) -> Executor:
-        """An executor with `params` (or plain prompts) overriding the spec's."""
-        if all(isinstance(p, Params) for p in params.values()):
-            return Executor(self.plan, self.backends, params=params, layers=self.layers, seed=self.seed)  # type: ignore[arg-type]
-        return Executor(self.plan, self.backends, params, layers=self.layers, seed=self.seed)  # type: ignore[arg-type]
-
-    def proposer_of(self, name: str) -> str:
-        """The backend writing the node's proposals and posterior samples."""
-        return self.train.proposer or self.plan.nodes[name].backend
+    def executor(self, params: Mapping[str, Params | str]) -> Executor:
+        """An executor with `params` (whole parameters, or plain prompts) overriding the spec's."""
+        prompts = {n: p for n, p in params.items() if isinstance(p, str)}
+        full = {n: p for n, p in params.items() if isinstance(p, Params)}
+        return Executor(self.plan, self.backends, prompts, params=full, layers=self.layers, seed=self.seed)
 
     def demo_pool(self, name: str) -> list[Demo]:
         return demos.pool(self.plan, name)
@@ -147,7 +149,7 @@ class Trainer:
 
     def step(
         self,
-        params: Mapping[str, Params],
+        params: Mapping[str, Params | str],
         batch: list[Example],
         indices: list[int],
         iteration: int,
@@ -155,14 +157,14 @@ class Trainer:
     ) -> StepResult:
         executor = self.executor(params)
         result = executor.run(batch)
-        # Hidden nodes that are not trained still need their (spec) parameters for re-scoring.
-        current = {n: executor.params_of(n) for n, node in self.plan.nodes.items() if node.kind == NodeKind.LAYER}
+        # Nodes that are not trained still need their (spec) parameters for re-scoring.
+        current = {n: executor.params_of(n) for n in self.plan.nodes}
         state = Pass(
             batch=batch,
             indices=indices,
             result=result,
             rows={name: executor.rows_for(name, batch, result) for name in self.plan.nodes},
-            targets={name: [ex[f] for ex in batch] for name, f in self.plan.spec.outputs.items()},
+            targets={name: [ex[node.target] for ex in batch] for name, node in self.plan.nodes.items() if node.target},
         )
         train_acc = metrics.accuracy(self.plan, [result.outputs(i) for i in range(len(batch))], batch)
         new_params = {n: current[n] for n in self.parameters()}
@@ -170,54 +172,49 @@ class Trainer:
         accepted: dict[str, bool] = {}
         dropped: dict[str, dict[str, int]] = {}
         for stage in self.plan.backward:
+            made = len(self.made)
             self.posterior(stage, state, current, iteration)
             for name, selection in self.optimizer.step(self, stage, state, current, iteration, memory).items():
                 new_params[name] = selection.candidate
                 loss[name] = selection.loss
                 accepted[name] = selection.index != 0
                 dropped[name] = selection.dropped or {}
+            sent = [m.call for m in self.made[made:]]
+            if sent != list(stage.calls):
+                raise PlanMismatch(f"backward stage {stage.index}: made {sent}, the plan lists {list(stage.calls)}")
         return StepResult(new_params, train_acc, loss, accepted, state.posteriors, dropped)
 
     def posterior(self, stage: Stage, state: Pass, params: Mapping[str, Params], iteration: int) -> None:
-        """Targets for the stage's hidden nodes: sample candidates (one call), then score
-        every candidate under the node and under each child (one call), weight, pick."""
-        names = [n for n in stage.nodes if self.needs_posterior[n]]
+        """Targets for the stage's hidden nodes: the plan's posterior-sampling calls, then its
+        child-rescoring calls (every candidate under the node and under each child), weight, pick."""
+        names = [n for n in stage.nodes if self.plan.nodes[n].needs_posterior]
         if not names:
             return
-        feedback = {n: self.child_targets(n, state) for n in names}
-        sampled = self.dispatch(
-            stage,
-            "posterior_sampling",
-            [
-                LAYERS[self.plan.nodes[n].output_type].posterior_samples(
-                    self.plan.nodes[n],
-                    self.plan.spec.nodes[n],
-                    params[n],
-                    state.rows[n],
-                    state.result.records[n].outputs,
-                    feedback[n],
-                    self.train,
-                    stable_seed(self.seed, iteration, n, "posterior"),
-                    self.proposer_of(n),
-                )
-                for n in names
-            ],
-        )
-        candidates = dict(zip(names, sampled))
-        deferred: list[Deferred[list[TargetScore]]] = []
+        sampling = {
+            n: self.hidden(n).posterior_samples(
+                params[n],
+                state.rows[n],
+                state.result.records[n].outputs,
+                [[(c, state.targets[c][b]) for c in self.children_with_targets(n)] for b in range(len(state.batch))],
+                self.train,
+                stable_seed(self.seed, iteration, n, "posterior"),
+            )
+            for n in names
+        }
+        candidates: dict[str, list[list[str]]] = self.run_calls(stage, "posterior_sampling", sampling)
+        # log p(candidate | the node's inputs), then log p(child's target | candidate) per child
+        scoring: dict[tuple[str, str], Deferred[list[TargetScore]]] = {}
         for n in names:
-            # log p(candidate | the node's inputs), then log p(child's target | candidate) per child
             pairs = [(b, h) for b, cands in enumerate(candidates[n]) for h in cands]
-            deferred.append(self.score_targets(n, [(params[n], state.rows[n][b], h) for b, h in pairs]))
-            for c in self.children_with_targets(n, state):
-                # (a Deep-Thinking child has no prompt: its K/V state answers)
-                items = [(params.get(c, Params("")), {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
-                deferred.append(self.score_targets(c, items))
-        scored = iter(self.dispatch(stage, "child_rescoring", deferred))
+            scoring[(n, n)] = self.score_targets(n, [(params[n], state.rows[n][b], h) for b, h in pairs])
+            for c in self.children_with_targets(n):
+                items = [(params[c], {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
+                scoring[(n, c)] = self.score_targets(c, items)
+        scored = self.run_calls(stage, "child_rescoring", scoring, by=lambda key: key[1])
         for n in names:
-            prior = _regroup(next(scored), candidates[n])
-            children = self.children_with_targets(n, state)
-            child_scores = [_regroup(next(scored), candidates[n]) for _ in children]
+            prior = _regroup(scored[(n, n)], candidates[n])
+            children = self.children_with_targets(n)
+            child_scores = [_regroup(scored[(n, c)], candidates[n]) for c in children]
             state.targets[n] = []
             for b, cands in enumerate(candidates[n]):
                 logits = posterior_logits(
@@ -235,75 +232,95 @@ class Trainer:
                             "iteration": iteration,
                             "node": n,
                             "example": state.indices[b],
-                            "input": shown_input(self.plan.spec.nodes[n].template, state.rows[n][b], node=n),
+                            "input": shown_input(self.plan.nodes[n].spec.template, state.rows[n][b], node=n),
                             "candidates": [{"text": c, "weight": w} for c, w in zip(cands, weights)],
                             "chosen": chosen,
                         }
                     )
 
+    # ------------------------------------------------------------------ the plan's calls
+
+    def run_calls(
+        self,
+        stage: Stage,
+        purpose: str,
+        deferred: Mapping[Any, Deferred[Any]],
+        by: Any = lambda key: key,
+    ) -> dict[Any, Any]:
+        """Make the stage's calls of `purpose`, as the plan lists them: each call sends the
+        requests of the `deferred` whose node (`by(key)`) it lists. A deferred that no call
+        lists may only be one without requests (e.g. a choice layer's posterior: its choices)."""
+        answers: dict[Any, Any] = {}
+        for call in stage.calls:
+            if call.purpose == purpose:
+                keys = [k for k in deferred if by(k) in call.nodes]
+                answers.update(zip(keys, self.send(stage, call, [deferred[k] for k in keys])))
+        for key, d in deferred.items():
+            if key not in answers:
+                if d.requests:
+                    raise PlanMismatch(f"backward stage {stage.index}: no {purpose} call lists {by(key)}")
+                answers[key] = d.decode([])
+        return answers
+
+    def send(self, stage: Stage, call: BatchedCall, deferred: Sequence[Deferred[Any]]) -> list[Any]:
+        """The plan's `call`: every request of `deferred` in ONE backend call, identical
+        requests sent once; answers go back to each deferred in order."""
+        unique: dict[tuple[str, str], dict[Any, int]] = {}
+        for d in deferred:
+            if (d.backend, d.op) != (call.backend, call.op) and not d.op.startswith(THINK_OP):
+                raise PlanMismatch(f"{d.op} on {d.backend} is not the plan's {call.op} on {call.backend} ({call.purpose})")
+            seen = unique.setdefault((d.backend, d.op), {})
+            for request in d.requests:
+                seen.setdefault(request, len(seen))
+        if not any(unique.values()):
+            raise PlanMismatch(f"backward stage {stage.index}: the plan's {call.purpose} call has nothing to send")
+        answers: dict[tuple[str, str], list[Any]] = {}
+        self.current = (stage.index, call)
+        try:
+            for (backend, op), requests in sorted(unique.items()):
+                self.events.call(call.purpose, len(requests))
+                answers[(backend, op)] = self.operation(backend, op)(list(requests))
+        finally:
+            self.current = None
+        self.made.append(MadeCall(stage.index, call, sum(len(r) for r in unique.values())))
+        return [
+            d.decode([answers[(d.backend, d.op)][unique[(d.backend, d.op)][r]] for r in d.requests]) for d in deferred
+        ]
+
+    def operation(self, backend: str, op: str) -> Any:
+        """`generate` / `score` of a backend, or a Deep-Thinking layer's scoring (`think:<node>`)."""
+        if op.startswith(THINK_OP):
+            layer: Any = self.layers[op.removeprefix(THINK_OP)]
+            return lambda rows: layer.choice_logprobs(layer.state, [dict(r) for r in rows])
+        return getattr(self.backends[backend], op)
+
     # ------------------------------------------------------------------ helpers
 
-    def child_targets(self, name: str, state: Pass) -> list[list[tuple[str, str]]]:
-        children = self.children_with_targets(name, state)
-        return [[(c, state.targets[c][b]) for c in children] for b in range(len(state.batch))]
+    def hidden(self, name: str) -> HiddenLayer:
+        layer = self.layers[name]
+        if not isinstance(layer, HiddenLayer):
+            raise PlanMismatch(f"the plan asks a posterior of {name}, whose layer cannot sample one")
+        return layer
 
-    def children_with_targets(self, name: str, state: Pass) -> list[str]:
-        return [c for c in self.plan.nodes[name].children if c in state.targets]
+    def children_with_targets(self, name: str) -> list[str]:
+        return [c for c in self.plan.nodes[name].children if self.plan.nodes[c].has_targets]
 
     def score_targets(self, name: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
         """The node's layer scoring (prompt, row, target) triples."""
-        node = self.plan.nodes[name]
-        if node.kind == NodeKind.DEEP_THINKING:
-            return _thinking_scores(name, node.backend, items)
-        return LAYERS[node.output_type].target_scores(node, self.plan.spec.nodes[name], items)
+        layer = self.layers[name]
+        if not hasattr(layer, "target_scores"):  # a Deep-Thinking layer before its Deferred scoring
+            return _thinking_scores(name, self.plan.nodes[name].backend, items)
+        return layer.target_scores(items)
 
     def attempts(self, name: str, state: Pass) -> list[Attempt]:
-        template = self.plan.spec.nodes[name].template
+        template = self.plan.nodes[name].spec.template
         return [
             Attempt(shown_input(template, row, node=name), output, target)
             for row, output, target in zip(state.rows[name], state.result.records[name].outputs, state.targets[name])
         ]
 
-    def operation(self, backend: str, op: str) -> Callable[[list[Any]], list[Any]]:
-        """`generate` / `score` of a backend, or a Deep-Thinking layer's scoring (`think:<node>`)."""
-        if op.startswith(THINK_OP):
-            layer = self.layers[op.removeprefix(THINK_OP)]
-            return lambda rows: layer.choice_logprobs(layer.state, [dict(r) for r in rows])
-        return getattr(self.backends[backend], op)
-
-    def dispatch(self, stage: Stage, purpose: str, deferred: Sequence[Deferred[Any]]) -> list[Any]:
-        """Run every deferred request list of one purpose: ONE call per (backend, op),
-        identical requests sent once; answers go back to each in order."""
-        unique: dict[tuple[str, str], dict[Any, int]] = {}
-        for d in deferred:
-            seen = unique.setdefault((d.backend, d.op), {})
-            for request in d.requests:
-                seen.setdefault(request, len(seen))
-        answers: dict[tuple[str, str], list[Any]] = {}
-        for (backend, op), requests in sorted(unique.items()):
-            if not requests:
-                continue
-            self.events.call(purpose, len(requests))
-            answers[(backend, op)] = self.operation(backend, op)(list(requests))
-            self.calls.append(CallRecord(stage.index, purpose, backend, op, len(requests)))
-        return [
-            d.decode([answers[(d.backend, d.op)][unique[(d.backend, d.op)][r]] for r in d.requests]) for d in deferred
-        ]
-
 
 # ---------------------------------------------------------------------- small pure helpers
-
-
-def _needs_posterior(plan: ExecutionPlan) -> dict[str, bool]:
-    """Hidden layers whose targets a trainable node (itself or upstream) needs."""
-    upstream: dict[str, bool] = {}
-    for name in plan.topological_order:
-        node = plan.nodes[name]
-        upstream[name] = any(plan.nodes[p].trainable or upstream[p] for p in node.parents)
-    return {
-        name: node.kind == NodeKind.LAYER and not node.is_output and (node.trainable or upstream[name])
-        for name, node in plan.nodes.items()
-    }
 
 
 def _thinking_scores(name: str, backend: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:

@@ -77,7 +77,7 @@ def build_plan() -> Callable:
     import networkx as nx
     from jinja2 import meta
 
-    from dlngraph.compiler.plan import Estimate, ExecutionPlan, NodeKind, PlanNode, Stage
+    from dlngraph.compiler.plan import ExecutionPlan, NodeKind, PlanNode, Stage
 
     def build(spec, spec_path: Path = Path("spec.yaml")) -> ExecutionPlan:
         env = jinja2.Environment()
@@ -100,12 +100,12 @@ def build_plan() -> Callable:
                 children=tuple(sorted(graph.successors(name))),
                 trainable=True,
                 target=spec.outputs.get(name),
+                spec=node,
             )
             for name, node in sorted(spec.nodes.items())
         }
         stages = tuple(Stage(i, tuple(sorted(g)), ()) for i, g in enumerate(nx.topological_generations(graph)))
-        none = Estimate(0, 0, 0, 0)
         data = {split: (spec_path.parent / p).resolve() for split, p in spec.data.paths().items()}
-        return ExecutionPlan(spec, spec_path, nodes, (), stages, (), none, none, data)
+        return ExecutionPlan(spec, spec_path, nodes, (), stages, (), data)
 
     return build

@@ -54,9 +54,12 @@ def test_dln2_schedule_has_posterior_for_the_hidden_layer() -> None:
     assert [s.nodes for s in plan.backward] == [("answer",), ("reason",)]
     purposes = {c.purpose: c for c in plan.backward[1].calls}
     assert purposes["posterior_sampling"].requests == train.batch_size * train.posterior_samples
-    # answer has two choices: each posterior sample is re-scored against both
-    assert purposes["child_rescoring"].requests == train.batch_size * train.posterior_samples * 2
-    assert purposes["child_rescoring"].nodes == ("answer",)
+    # every candidate (the current output and K samples) scored under reason itself (its prior)
+    # and under answer against both of its choices
+    candidates = train.batch_size * (train.posterior_samples + 1)
+    assert purposes["child_rescoring"].requests == candidates + candidates * 2
+    assert purposes["child_rescoring"].nodes == ("answer", "reason")
+    assert plan.nodes["reason"].needs_posterior and not plan.nodes["answer"].needs_posterior
     assert purposes["prompt_proposals"].requests == train.prompt_proposals - 1
     # candidates: the current prompt, N - 1 proposals and the dev memory (no demos here)
     assert purposes["candidate_scoring"].requests == (train.prompt_proposals + train.memory) * train.batch_size

@@ -11,7 +11,9 @@ from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import Backend
 from dlngraph.runtime.cache import Cache, CachedBackend
 from dlngraph.runtime.executor import Executor
-from dlngraph.runtime.layers import choice, text
+from dlngraph.runtime.backward import run_now
+from dlngraph.runtime.layers.choice import ChoiceLayer
+from dlngraph.runtime.layers.text import TextLayer
 from dlngraph.runtime.layers.base import Params
 from dlngraph.spec import Spec
 
@@ -41,7 +43,7 @@ def sentiment_plan(build_plan: Callable[..., ExecutionPlan]) -> ExecutionPlan:
 def test_choice_node_classifies_obvious_sentiment(torch_backend: Backend, sentiment_plan: ExecutionPlan) -> None:
     plan = sentiment_plan
     rows = [{"input": x} for x, _ in EXAMPLES]
-    record = choice.forward(plan.nodes["sentiment"], plan.spec.nodes["sentiment"], torch_backend, Params(INSTRUCTION), rows)
+    record = ChoiceLayer(plan.nodes["sentiment"], torch_backend).forward(rows, Params(INSTRUCTION))
     assert record.outputs == [y for _, y in EXAMPLES]
     assert record.rendered[0].startswith(INSTRUCTION) and EXAMPLES[0][0] in record.rendered[0]
     for logprobs in record.choice_logprobs or []:
@@ -52,18 +54,18 @@ def test_candidate_scoring_is_one_backend_call(
     torch_backend: Backend, response_cache: Cache, sentiment_plan: ExecutionPlan
 ) -> None:
     plan = sentiment_plan
-    node, spec = plan.nodes["sentiment"], plan.spec.nodes["sentiment"]
     rows = [{"input": x} for x, _ in EXAMPLES[:3]]
     candidates = [Params(INSTRUCTION), Params("Say whether the review is positive or negative.")]
     items = [(p, row, y) for p in candidates for row, (_, y) in zip(rows, EXAMPLES)]
     backend = CachedBackend(torch_backend, response_cache)
-    values = choice.target_logprobs(node, spec, backend, items)
+    layer = ChoiceLayer(plan.nodes["sentiment"], backend)
+    values = [s.logprob for s in run_now(layer.target_scores(items), backend)]
     assert backend.usage.calls == 1 and backend.usage.requests == len(items) * 2
-    forward = choice.forward(node, spec, backend, candidates[1], rows)
+    forward = layer.forward(rows, candidates[1])
     assert backend.usage.calls == 1  # every request was already answered
     assert values[3:] == pytest.approx([lp[y] for lp, (_, y) in zip(forward.choice_logprobs or [], EXAMPLES)])
     with pytest.raises(RuntimeFailure, match="not one of the choices"):
-        choice.target_logprobs(node, spec, backend, [(Params(INSTRUCTION), rows[0], "neutral")])
+        layer.target_scores([(Params(INSTRUCTION), rows[0], "neutral")])
 
 
 def test_text_target_logprobs_prefers_the_likely_text(
@@ -77,10 +79,12 @@ def test_text_target_logprobs_prefers_the_likely_text(
             outputs={"capital": "target"},
         )
     )
-    node, spec = plan.nodes["capital"], plan.spec.nodes["capital"]
     row = {"input": "France"}
     calls = torch_backend.usage.calls
-    good, bad = text.target_logprobs(node, spec, torch_backend, [(Params("The capital of"), row, "Paris"), (Params("The capital of"), row, "Banana")])
+    scoring = TextLayer(plan.nodes["capital"], torch_backend).target_scores(
+        [(Params("The capital of"), row, "Paris"), (Params("The capital of"), row, "Banana")]
+    )
+    good, bad = [s.logprob for s in run_now(scoring, torch_backend)]
     assert torch_backend.usage.calls == calls + 1
     assert good > bad
 

@@ -16,7 +16,7 @@ from dlngraph.api import compile_spec
 from dlngraph.runtime import demos
 from dlngraph.runtime.backends.base import ScoreRequest
 from dlngraph.runtime.backward import filter_proposals, run_now
-from dlngraph.runtime.layers import choice
+from dlngraph.runtime.layers.choice import ChoiceLayer
 from dlngraph.runtime.layers.base import Params
 from dlngraph.runtime.rundir import RunDir
 from dlngraph.runtime.fit import Fit, _rank, _remember
@@ -85,7 +85,6 @@ def test_batch_calibration_in_scoring_matches_a_hand_computation(tmp_path: Path)
     """The backend prefers "no" everywhere; under batch calibration each row is
     scored relative to the batch's mean log-prob per label."""
     plan = compile_spec(write_task(tmp_path))
-    node, spec = plan.nodes["answer"], plan.spec.nodes["answer"]
     p_no = {"a": 0.9, "b": 0.6}  # per input: p(no) before calibration
 
     def logprobs(r: ScoreRequest) -> list[float]:
@@ -95,7 +94,8 @@ def test_batch_calibration_in_scoring_matches_a_hand_computation(tmp_path: Path)
     backend = ScriptedBackend(logprobs=logprobs)
     params = Params("Classify.")
     rows = [{"input": "a"}, {"input": "b"}]
-    got = run_now(choice.distributions(node, spec, [(params, r) for r in rows]), backend)
+    layer = ChoiceLayer(plan.nodes["answer"], backend)
+    got = run_now(layer.distributions([(params, r) for r in rows]), backend)
     bias_no = (math.log(0.9) + math.log(0.6)) / 2
     bias_yes = (math.log(0.1) + math.log(0.4)) / 2
     for row, dist in zip(rows, got):
@@ -105,15 +105,14 @@ def test_batch_calibration_in_scoring_matches_a_hand_computation(tmp_path: Path)
         assert dist["no"] == pytest.approx(no - norm) and dist["yes"] == pytest.approx(yes - norm)
     assert max(got[1], key=got[1].__getitem__) == "yes"  # raw, "no" won both rows
     fitted = Params("Classify.", (), (("no", 0.0), ("yes", 0.0)))  # a fitted flat prior changes nothing
-    raw = run_now(choice.distributions(node, spec, [(fitted, r) for r in rows]), backend)
+    raw = run_now(layer.distributions([(fitted, r) for r in rows]), backend)
     assert raw[0]["no"] == pytest.approx(math.log(0.9))
 
 
 def test_contextual_calibration_scores_the_content_free_inputs_in_the_same_call(tmp_path: Path) -> None:
     plan = compile_spec(write_task(tmp_path, SPEC.replace("calibration: batch", "calibration: contextual")))
-    node, spec = plan.nodes["answer"], plan.spec.nodes["answer"]
     backend = ScriptedBackend()
-    run_now(choice.distributions(node, spec, [(Params("Classify."), {"input": "a"})]), backend)
+    run_now(ChoiceLayer(plan.nodes["answer"], backend).distributions([(Params("Classify."), {"input": "a"})]), backend)
     (op, requests), = backend.log
     assert len(requests) == (1 + 3) * 2  # the row and "N/A", "", "[MASK]", each with both choices
     assert {r.prompt.split("\n")[0] for r in requests[2:]} == {"N/A", "", "[MASK]"}
@@ -173,7 +172,7 @@ def test_fit_checkpoints_demos_and_priors_and_the_same_seed_repeats(tmp_path: Pa
     runs = []
     for name in ("one", "two"):
         run = RunDir.create(tmp_path / name, plan)
-        result = Fit(plan, {"local": ScriptedBackend()}, run).run_fit()
+        result = Fit(plan, {"local": ScriptedBackend()}, run).run()
         run.close()
         runs.append(result)
         metrics = run.read(run.metrics)
@@ -218,7 +217,7 @@ train: {{iterations: 2, batch_size: 4, prompt_proposals: 1, memory: 1, calibrati
     path.write_text(spec)
     plan = compile_spec(path)
     run = RunDir.create(tmp_path / "run", plan)
-    result = Fit(plan, {"local": torch_backend}, run).run_fit()
+    result = Fit(plan, {"local": torch_backend}, run).run()
     metrics = run.read(run.metrics)
     assert result.best["dev_acc"] > metrics[0]["dev_acc"]
     assert result.best["demos"]["answer"] != start

@@ -1,14 +1,24 @@
-"""What every layer kind returns from `forward` and what `backward` receives.
+"""The one layer protocol: what every node kind implements, and what it returns.
 
-A layer module (text, choice, deep_thinking) owns both halves side by side:
-`forward(backend, prompt, rows)` renders and runs the node over a batch and
-returns a `ForwardRecord` holding what the backward half needs; the backward
-half (in the same module) reads that record plus the node's targets.
+A layer (text, choice, deep_thinking) is bound to one plan node and its
+backend and owns both halves side by side, as micrograd's ops do: `forward`
+renders and runs the node over a batch in ONE backend call and returns a
+`ForwardRecord` holding what the backward half needs; `target_scores` is the
+backward's request list (a `Deferred`, so the trainer merges every node of a
+backward call into one backend call): how likely given targets are under given
+parameters. Hidden layers also answer `posterior_samples`. A layer's learnable
+state is `Params` (instruction, demonstrations, fitted label prior).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from dlngraph.compiler.plan import PlanNode
+from dlngraph.runtime.backward import Deferred, TargetScore
+from dlngraph.spec import TrainSpec
 
 Row = dict[str, str]  # template variables of one example: inputs + parent outputs
 
@@ -48,3 +58,28 @@ class Params:
     def uncalibrated(self) -> "Params":
         """The same prompt and demonstrations, with the prior to be estimated again."""
         return Params(self.prompt, self.demos, None)
+
+
+class Layer(Protocol):
+    """One node kind, bound to its plan node (see the module docstring)."""
+
+    node: PlanNode
+
+    def forward(self, rows: list[Row], params: Params, *, seed: int = 0) -> ForwardRecord: ...
+
+    def target_scores(self, items: Sequence[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]: ...
+
+
+@runtime_checkable
+class HiddenLayer(Layer, Protocol):
+    """A layer whose targets can come from a posterior (the plan's `needs_posterior`)."""
+
+    def posterior_samples(
+        self,
+        params: Params,
+        rows: Sequence[Row],
+        outputs: Sequence[str],
+        child_targets: Sequence[Sequence[tuple[str, str]]],
+        train: TrainSpec,
+        seed: int,
+    ) -> Deferred[list[list[str]]]: ...

@@ -18,139 +18,121 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from dlngraph.compiler.plan import PlanNode
+from dlngraph.compiler.plan import ExecutionPlan, PlanNode
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime import calibration, demos
 from dlngraph.runtime.backends.base import Backend, Score
 from dlngraph.runtime.backward import Deferred, TargetScore, run_now
 from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
 from dlngraph.runtime.template import render, score_request
-from dlngraph.spec import LayerNode, TrainSpec
+from dlngraph.spec import ChoiceOutput, LayerNode, TrainSpec
 
 
-def forward(node: PlanNode, spec: LayerNode, backend: Backend, params: Params, rows: list[Row]) -> ForwardRecord:
-    started = time.perf_counter()
-    choices = list(spec.output.choices)  # type: ignore[union-attr]
-    shown = demos.text_of(spec, params.demos, node=node.name)
-    rendered = [render(spec.template, params.prompt, row, node=node.name, demos=shown) for row in rows]
-    priors: dict[Params, dict[str, float] | None] = {}
-    scored = run_now(distributions(node, spec, [(params, row) for row in rows], priors), backend)
-    # max() keeps the first of tied choices, so ties break by the spec's order.
-    outputs = [max(choices, key=lambda c: lp[c]) for lp in scored]
-    return ForwardRecord(
-        node=node.name,
-        prompt=params.prompt,
-        rendered=rendered,
-        outputs=outputs,
-        choice_logprobs=scored,
-        seconds=time.perf_counter() - started,
-        # the prior this forward applied: the fit keeps it as the node's fitted bias
-        extra={"bias": priors.get(params)} if spec.calibration != "none" else {},
-    )
+class ChoiceLayer:
+    def __init__(self, node: PlanNode, backend: Backend) -> None:
+        assert isinstance(node.spec, LayerNode) and isinstance(node.spec.output, ChoiceOutput), node.name
+        self.node, self.spec, self.backend = node, node.spec, backend
+        self.choices = list(node.spec.output.choices)
 
+    @classmethod
+    def from_plan(cls, plan: ExecutionPlan, name: str, backend: Backend, run_dir: Path | None = None) -> "ChoiceLayer":
+        return cls(plan.nodes[name], backend)
 
-def choice_logprobs(
-    node: PlanNode, spec: LayerNode, backend: Backend, pairs: Sequence[tuple[Params, Row]]
-) -> list[dict[str, float]]:
-    """Per (params, row): class-normalized (and calibrated) log-prob of every choice, from one score call."""
-    return run_now(distributions(node, spec, pairs), backend)
-
-
-def target_logprobs(
-    node: PlanNode, spec: LayerNode, backend: Backend, items: Sequence[tuple[Params, Row, str]]
-) -> list[float]:
-    """Class-normalized log-prob of each (params, row, target) in one score call,
-    so N candidate prompts x B examples cost one batched backend call."""
-    return [s.logprob for s in run_now(target_scores(node, spec, items), backend)]
-
-
-# ---------------------------------------------------------------------- backward
-# Nothing here calls a model: each function returns the requests (Deferred) so
-# the trainer merges every node of a backward stage into one call per backend.
-
-
-def distributions(
-    node: PlanNode,
-    spec: LayerNode,
-    pairs: Sequence[tuple[Params, Row]],
-    priors: dict[Params, dict[str, float] | None] | None = None,
-) -> Deferred[list[dict[str, float]]]:
-    """Every choice of every (params, row) as one score request list, read back as
-    class-normalized log-probs, calibrated per the node's `calibration`; the prior
-    applied to each distinct Params is written into `priors` when given."""
-    choices = list(spec.output.choices)  # type: ignore[union-attr]
-    method = spec.calibration
-    distinct = list(dict.fromkeys(p for p, _ in pairs))
-    # Content-free rows go after the real ones, per Params that has no fitted prior.
-    free = calibration.content_free_rows(node.inputs + node.parents) if method == "contextual" else []
-    extra = [(p, row) for p in distinct if p.bias is None for row in free]
-    requests = [
-        score_request(
-            spec.template, p.prompt, row, choice, node=node.name, demos=demos.text_of(spec, p.demos, node=node.name)
+    def forward(self, rows: list[Row], params: Params, *, seed: int = 0) -> ForwardRecord:
+        started = time.perf_counter()
+        shown = demos.text_of(self.spec, params.demos, node=self.node.name)
+        rendered = [render(self.spec.template, params.prompt, row, node=self.node.name, demos=shown) for row in rows]
+        priors: dict[Params, dict[str, float] | None] = {}
+        scored = run_now(self.distributions([(params, row) for row in rows], priors), self.backend)
+        # max() keeps the first of tied choices, so ties break by the spec's order.
+        outputs = [max(self.choices, key=lambda c: lp[c]) for lp in scored]
+        return ForwardRecord(
+            node=self.node.name,
+            prompt=params.prompt,
+            rendered=rendered,
+            outputs=outputs,
+            choice_logprobs=scored,
+            seconds=time.perf_counter() - started,
+            # the prior this forward applied: the fit keeps it as the node's fitted bias
+            extra={"bias": priors.get(params)} if self.spec.calibration != "none" else {},
         )
-        for p, row in [*pairs, *extra]
-        for choice in choices
-    ]
-    priors = {} if priors is None else priors
 
-    def decode(scores: list[Score]) -> list[dict[str, float]]:
-        raw = []
-        for start in range(0, len(scores), len(choices)):
-            totals = [s.total for s in scores[start : start + len(choices)]]
-            norm = calibration.logsumexp(totals)
-            raw.append({c: t - norm for c, t in zip(choices, totals)})
-        own, free_scored = raw[: len(pairs)], raw[len(pairs) :]
-        if method == "none":
-            return own
-        at = 0
-        for p in distinct:
-            if p.bias is not None:
-                priors[p] = p.bias_dict()
-            elif method == "contextual":
-                priors[p] = calibration.estimate(free_scored[at : at + len(free)])
-                at += len(free)
-            else:
-                priors[p] = calibration.estimate([d for (q, _), d in zip(pairs, own) if q == p])
-        return [calibration.apply(d, priors[p] or {}) for (p, _), d in zip(pairs, own)]
+    # ------------------------------------------------------------------ backward
+    # Nothing here calls a model: each method returns the requests (Deferred) so
+    # the trainer merges every node of a backward call into one backend call.
 
-    return Deferred(node.backend, "score", requests, decode)
+    def distributions(
+        self, pairs: Sequence[tuple[Params, Row]], priors: dict[Params, dict[str, float] | None] | None = None
+    ) -> Deferred[list[dict[str, float]]]:
+        """Every choice of every (params, row) as one score request list, read back as
+        class-normalized log-probs, calibrated per the node's `calibration`; the prior
+        applied to each distinct Params is written into `priors` when given."""
+        node, spec, choices = self.node, self.spec, self.choices
+        method = spec.calibration
+        distinct = list(dict.fromkeys(p for p, _ in pairs))
+        # Content-free rows go after the real ones, per Params that has no fitted prior.
+        free = calibration.content_free_rows(node.inputs + node.parents) if method == "contextual" else []
+        extra = [(p, row) for p in distinct if p.bias is None for row in free]
+        requests = [
+            score_request(
+                spec.template, p.prompt, row, choice, node=node.name, demos=demos.text_of(spec, p.demos, node=node.name)
+            )
+            for p, row in [*pairs, *extra]
+            for choice in choices
+        ]
+        priors = {} if priors is None else priors
 
+        def decode(scores: list[Score]) -> list[dict[str, float]]:
+            raw = []
+            for start in range(0, len(scores), len(choices)):
+                totals = [s.total for s in scores[start : start + len(choices)]]
+                norm = calibration.logsumexp(totals)
+                raw.append({c: t - norm for c, t in zip(choices, totals)})
+            own, free_scored = raw[: len(pairs)], raw[len(pairs) :]
+            if method == "none":
+                return own
+            at = 0
+            for p in distinct:
+                if p.bias is not None:
+                    priors[p] = p.bias_dict()
+                elif method == "contextual":
+                    priors[p] = calibration.estimate(free_scored[at : at + len(free)])
+                    at += len(free)
+                else:
+                    priors[p] = calibration.estimate([d for (q, _), d in zip(pairs, own) if q == p])
+            return [calibration.apply(d, priors[p] or {}) for (p, _), d in zip(pairs, own)]
 
-def target_scores(
-    node: PlanNode, spec: LayerNode, items: Sequence[tuple[Params, Row, str]]
-) -> Deferred[list[TargetScore]]:
-    """How likely each (params, row, target) is: the target's class-normalized
-    (calibrated) log-prob, with the whole distribution (for trust-region KL and wrong answers)."""
-    choices = set(spec.output.choices)  # type: ignore[union-attr]
-    unknown = sorted({target for _, _, target in items} - choices)
-    if unknown:
-        raise RuntimeFailure(
-            f"target {unknown[0]!r} is not one of the choices {sorted(choices)}",
-            node=node.name,
-            hint="the dataset's labels must be spelled exactly like the node's choices",
-        )
-    inner = distributions(node, spec, [(params, row) for params, row, _ in items])
+        return Deferred(node.backend, "score", requests, decode)
 
-    def decode(scores: list[Score]) -> list[TargetScore]:
-        return [TargetScore(lp[target], lp) for (_, _, target), lp in zip(items, inner.decode(scores))]
+    def target_scores(self, items: Sequence[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
+        """How likely each (params, row, target) is: the target's class-normalized
+        (calibrated) log-prob, with the whole distribution (for trust-region KL and wrong answers)."""
+        unknown = sorted({target for _, _, target in items} - set(self.choices))
+        if unknown:
+            raise RuntimeFailure(
+                f"target {unknown[0]!r} is not one of the choices {sorted(self.choices)}",
+                node=self.node.name,
+                hint="the dataset's labels must be spelled exactly like the node's choices",
+            )
+        inner = self.distributions([(params, row) for params, row, _ in items])
 
-    return Deferred(node.backend, "score", inner.requests, decode)
+        def decode(scores: list[Score]) -> list[TargetScore]:
+            return [TargetScore(lp[target], lp) for (_, _, target), lp in zip(items, inner.decode(scores))]
 
+        return Deferred(self.node.backend, "score", inner.requests, decode)
 
-def posterior_samples(
-    node: PlanNode,
-    spec: LayerNode,
-    params: Params,
-    rows: Sequence[Row],
-    outputs: Sequence[str],
-    child_targets: Sequence[Sequence[tuple[str, str]]],
-    train: TrainSpec,
-    seed: int,
-    proposer: str,
-) -> Deferred[list[list[str]]]:
-    """A hidden choice node's posterior candidates are its choices: nothing to sample.
-    (The current output comes first, as for text nodes.)"""
-    choices = list(spec.output.choices)  # type: ignore[union-attr]
-    candidates = [[out, *(c for c in choices if c != out)] for out in outputs]
-    return Deferred(proposer, "generate", [], lambda _answers: candidates)
+    def posterior_samples(
+        self,
+        params: Params,
+        rows: Sequence[Row],
+        outputs: Sequence[str],
+        child_targets: Sequence[Sequence[tuple[str, str]]],
+        train: TrainSpec,
+        seed: int,
+    ) -> Deferred[list[list[str]]]:
+        """A hidden choice node's posterior candidates are its choices: nothing to sample
+        (the plan lists no call for it). The current output comes first, as for text nodes."""
+        candidates = [[out, *(c for c in self.choices if c != out)] for out in outputs]
+        return Deferred(self.node.proposer, "generate", [], lambda _answers: candidates)
