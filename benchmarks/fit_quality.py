@@ -41,9 +41,8 @@ from typing import Any
 
 import yaml
 
-from dlngraph.api import compile_spec
-from dlngraph.fitting import fit
-from dlngraph.runner import evaluate, open_backends
+from dlngraph.api import compile_spec, evaluate, fit
+from dlngraph.runtime.backends.registry import open_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks/data"
@@ -134,7 +133,7 @@ def run_one(task: str, arch: str, column: str, seed: int, args: argparse.Namespa
     checkpoint = None
     if column != "initial":
         started = time.perf_counter()
-        result = fit(path, out=root / f"run-{path.stem}", plan=plan, backends=backends)
+        result = fit(plan, out=root / f"run-{path.stem}", backends=backends)
         metrics = [json.loads(x) for x in result.run_dir.metrics.read_text().splitlines()]
         checkpoint = result.run_dir.best
         row.update(

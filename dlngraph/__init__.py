@@ -16,18 +16,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile_spec": "dlngraph.api",
     "load_plan": "dlngraph.api",
-    "evaluate": "dlngraph.runner",
-    "export": "dlngraph.fitting",
-    "fit": "dlngraph.fitting",
-    "run": "dlngraph.runner",
+    "evaluate": "dlngraph.api",
+    "export": "dlngraph.api",
+    "fit": "dlngraph.api",
+    "run": "dlngraph.api",
 }
 
 __all__ = ["DlngraphError", "RuntimeFailure", "Spec", "SpecError", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dlngraph.api import compile_spec, load_plan
-    from dlngraph.fitting import export, fit
-    from dlngraph.runner import evaluate, run
+    from dlngraph.api import compile_spec, evaluate, export, fit, load_plan, run
 
 
 def __getattr__(name: str) -> Any:

@@ -1,11 +1,17 @@
-"""The fit: the training loop around `Trainer.step`, over a run directory.
+"""A fit from start to end: the one object that owns a run directory while it trains.
 
-Initial evaluation (iteration 0), class-balanced mini-batches, label priors
-re-estimated on unlabeled train inputs whenever parameters change, dev
-evaluation every `eval_every`, best-on-dev selection (accuracy, ties broken by
-dev log-likelihood), a memory of the best parameters fed back to the
-optimizer, backtracking to the best after `backtrack` evaluations without
-gain, early stopping, checkpoints after every iteration and `--resume`.
+`Fit.start(plan, out)` creates and locks a new run directory; `Fit.resume(run_dir,
+plan)` locks an existing one, refuses a spec changed since the run started and
+loads its last checkpoint (the one place resume lives). Either opens the spec's
+backends behind the response cache (unless given some) and the tracker; `run()`
+trains and closes what the fit opened, however it ends.
+
+The loop around `Trainer.step`: initial evaluation (iteration 0), class-balanced
+mini-batches, label priors re-estimated on unlabeled train inputs whenever
+parameters change, dev evaluation every `eval_every`, best-on-dev selection
+(accuracy, ties broken by dev log-likelihood), a memory of the best parameters
+fed back to the optimizer, backtracking to the best after `backtrack`
+evaluations without gain, early stopping, and a checkpoint after every iteration.
 """
 
 from __future__ import annotations
@@ -14,12 +20,16 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dlngraph.compiler.plan import ExecutionPlan, NodeKind
+from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime import demos
 from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime.backends.registry import open_backends
 from dlngraph.runtime.backward import rng_for
 from dlngraph.runtime.data import Example, read_jsonl
 from dlngraph.runtime.evaluation import Evaluation, evaluate
@@ -27,11 +37,12 @@ from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers.base import Params
 from dlngraph.runtime.optimizer import Optimizer
 from dlngraph.runtime.plot import plot_curve
-from dlngraph.runtime.rundir import RunDir
-from dlngraph.runtime.tracking import Tracker
+from dlngraph.runtime.rundir import RunDir, default_path
+from dlngraph.runtime.tracking import Tracker, make_tracker, spec_params
 from dlngraph.runtime.trainer import Events, Trainer
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class FitResult:
@@ -43,13 +54,14 @@ class FitResult:
 
 
 class Fit:
-    """The training loop over a run directory; see the module docstring."""
+    """A fit over `run_dir` on `backends` (both the caller's when constructed directly;
+    `start` and `resume` open them and `run` closes them); see the module docstring."""
 
     def __init__(
         self,
         plan: ExecutionPlan,
         backends: Mapping[str, Backend],
-        run: RunDir,
+        run_dir: RunDir,
         *,
         seed: int | None = None,
         iterations: int | None = None,
@@ -59,15 +71,71 @@ class Fit:
     ) -> None:
         self.plan = plan
         self.backends = backends
-        self.run = run
+        self.run_dir = run_dir
         self.seed = plan.spec.train.seed if seed is None else seed
-        trainable = any(n.kind == NodeKind.LAYER and n.trainable for n in plan.nodes.values())
-        self.iterations = (plan.spec.train.iterations if iterations is None else iterations) if trainable else 0
+        self.iterations = plan.iterations(iterations)
         self.events = events or Events()
         self.tracker = tracker or Tracker()
         self.optimizer = optimizer
+        self.checkpoint: dict[str, Any] | None = None  # the state a resumed fit continues from
         self.trainer: Trainer | None = None
         self.calibration_set: list[Example] = []
+        self.opened = ExitStack()  # what `start` / `resume` opened, closed when `run` ends
+
+    @classmethod
+    def start(cls, plan: ExecutionPlan, out: str | Path | None = None, **options: Any) -> "Fit":
+        """A fit in a new run directory `out` (default runs/<name>-<time>); `options` are
+        `open`'s and `Fit`'s keywords."""
+        return cls.open(plan, RunDir.create(Path(out) if out is not None else default_path(plan.name), plan), **options)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, plan: ExecutionPlan, **options: Any) -> "Fit":
+        """The fit of `run_dir` continued from its last checkpoint, with the seed it started with
+        (a run killed before its first checkpoint starts again)."""
+        run = RunDir.open(Path(run_dir))
+        try:
+            saved = run.saved_plan().get("spec_sha256")
+            if saved and plan.spec_sha256 and saved != plan.spec_sha256:
+                raise RuntimeFailure(
+                    f"the spec {plan.spec_path} has changed since run {run_dir} started",
+                    hint="resume with the spec the run was started with (a copy is in the run directory as spec.yaml)",
+                )
+            checkpoint = run.last_checkpoint()
+            # Lines of iterations after the checkpoint are written again, so each appears once.
+            run.truncate_after(checkpoint["iteration"] if checkpoint is not None else -1)
+        except BaseException:
+            run.close()
+            raise
+        fit = cls.open(plan, run, **options)
+        fit.checkpoint = checkpoint
+        if checkpoint is not None:
+            fit.seed = checkpoint["seed"]
+        return fit
+
+    @classmethod
+    def open(
+        cls,
+        plan: ExecutionPlan,
+        run: RunDir,
+        *,
+        backends: Mapping[str, Backend] | None = None,
+        cache_dir: str | Path | None = None,
+        no_cache: bool = False,
+        mlflow: bool = False,
+        **options: Any,
+    ) -> "Fit":
+        """A fit that owns the locked `run`: it opens the plan's backends (unless given) and
+        the tracker (MLflow when the spec or `mlflow` asks for it)."""
+        with ExitStack() as opened:
+            opened.callback(run.close)  # the run directory's lock: the next fit or resume may start
+            if backends is None:
+                backends = open_backends(plan, cache_dir=cache_dir, no_cache=no_cache)
+                for backend in backends.values():
+                    opened.callback(backend.close)
+            tracker = make_tracker(plan.spec, mlflow=mlflow, run_name=run.path.name)
+            fit = cls(plan, backends, run, tracker=tracker, **options)
+            fit.opened = opened.pop_all()
+        return fit
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
         path = self.plan.data_paths.get(split)
@@ -76,11 +144,23 @@ class Fit:
         fields = [*self.plan.spec.inputs, *sorted(set(self.plan.spec.outputs.values()))]
         return read_jsonl(path, fields, limit=limit)
 
-    def run_fit(self, resume: bool = False) -> FitResult:
-        state = self.run.last_checkpoint() if resume else None
-        if state is not None:
-            self.seed = state["seed"]
-            self.run.truncate_after(state["iteration"])
+    def run(self) -> FitResult:
+        """Train, reporting to the tracker; closes what `start` / `resume` opened."""
+        with self.opened:
+            self.tracker.start({**spec_params(self.plan.spec), "seed": str(self.seed)})
+            status = "FAILED"
+            try:
+                result = self.train()
+                status = "FINISHED"
+                self.tracker.log_artifacts(self.run_dir.path)
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                self.tracker.end(status)
+        return result
+
+    def train(self) -> FitResult:
         train_set, dev_set = self.examples("train"), self.examples("dev", self.plan.spec.train.dev_size)
         # Label priors come from unlabeled train inputs, the same ones all fit long.
         draw = rng_for(self.seed, 0, "calibration").sample(train_set, min(self.plan.spec.train.calibration_size, len(train_set)))
@@ -89,8 +169,7 @@ class Fit:
         self.trainer = Trainer(
             self.plan, self.backends, seed=self.seed, layers=layers, events=self.events, optimizer=self.optimizer
         )
-        if state is None:
-            state = self.initial(dev_set)
+        state = self.checkpoint or self.initial(dev_set)
         stopped = state["early_stop"]["stopped"]
         try:
             while not stopped and state["iteration"] < self.iterations:
@@ -102,7 +181,7 @@ class Fit:
             raise
         self.events.iteration(state["iteration"], self.iterations)
         self.finish(state, dev_set)
-        return FitResult(self.run, state["prompts"], state["best"], state["iteration"], stopped)
+        return FitResult(self.run_dir, state["prompts"], state["best"], state["iteration"], stopped)
 
     def think(self, dev_set: list[Example]) -> dict[str, Any]:
         """Deep-Thinking nodes tune their K/V state once (saved in the run dir, loaded on
@@ -115,7 +194,7 @@ class Fit:
                 continue
             from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
 
-            layer = DeepThinkingLayer.from_plan(self.plan, name, self.backends[node.backend], run_dir=self.run.path)
+            layer = DeepThinkingLayer.from_plan(self.plan, name, self.backends[node.backend], run_dir=self.run_dir.path)
             self.events.call("think", 1)
             if node.parents and dev_set:
                 executor = Executor(self.plan, self.backends, layers=layers, seed=self.seed)
@@ -140,7 +219,7 @@ class Fit:
             {n: Params(self.plan.spec.nodes[n].prompt, demos.initial(self.plan, n, self.seed)) for n in self.trainer.parameters()}  # type: ignore[union-attr]
         )
         dev = self.evaluate(params, dev_set)
-        self.run.write_predictions("initial", dev.predictions)
+        self.run_dir.write_predictions("initial", dev.predictions)
         dev_acc = dev.score
         best = _learned(params, iteration=0, dev_acc=dev_acc, dev_loglik=dev.loglik)
         state = self.state(0, params, best, 0, False, [best] if dev_set and self.plan.spec.train.memory else [])
@@ -252,8 +331,8 @@ class Fit:
 
     def commit(self, state: dict[str, Any]) -> None:
         # The checkpoint goes last: a run killed before it repeats the iteration on resume.
-        self.run.save_best(state["best"])
-        self.run.save_checkpoint(state)
+        self.run_dir.save_best(state["best"])
+        self.run_dir.save_checkpoint(state)
 
     def record(
         self,
@@ -282,8 +361,8 @@ class Fit:
             "cost": spent.cost,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        self.run.append(self.run.metrics, [metrics])
-        self.run.append(self.run.posteriors, posteriors)
+        self.run_dir.append(self.run_dir.metrics, [metrics])
+        self.run_dir.append(self.run_dir.posteriors, posteriors)
         self.tracker.log_metrics(iteration, metrics)
         log.info("iteration %d: train %s dev %s accepted %s", iteration, train_acc, dev_acc, accepted)
 
@@ -299,8 +378,8 @@ class Fit:
         return evaluate(self.trainer.executor(params), examples)
 
     def finish(self, state: dict[str, Any], dev_set: list[Example]) -> None:
-        self.run.write_predictions("best", self.evaluate(_params(state["best"]), dev_set).predictions)
-        plot_curve(self.run.read(self.run.metrics), self.run.curve, self.plan.name)
+        self.run_dir.write_predictions("best", self.evaluate(_params(state["best"]), dev_set).predictions)
+        plot_curve(self.run_dir.read(self.run_dir.metrics), self.run_dir.curve, self.plan.name)
 
 
 def _learned(params: Mapping[str, Params], **fields: Any) -> dict[str, Any]:

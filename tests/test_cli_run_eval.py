@@ -3,16 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-
-from dlngraph.compiler.plan import ExecutionPlan
-from dlngraph.spec import Spec
 
 from cli_runner import invoke
 
@@ -46,24 +41,8 @@ def write_spec(root: Path, *, backend: dict | None = None, dev_lines: list[str] 
     return path
 
 
-@pytest.fixture(autouse=True)
-def plan_without_compiler(monkeypatch: pytest.MonkeyPatch, build_plan: Callable) -> None:
-    """Until the compiler's `dlngraph.api` lands, compile with the test plan builder."""
-    if importlib.util.find_spec("dlngraph.api") is not None:
-        return
-    import dlngraph.runner
-
-    def compile_plan(spec):  # type: ignore[no-untyped-def]
-        if isinstance(spec, ExecutionPlan):
-            return spec
-        path = Path(spec)
-        return build_plan(Spec.model_validate(yaml.safe_load(path.read_text())), path)
-
-    monkeypatch.setattr(dlngraph.runner, "compile_plan", compile_plan)
-
-
 def test_eval_twice_second_makes_no_model_call(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dlngraph.runner import evaluate
+    from dlngraph.api import evaluate
 
     spec = write_spec(tmp_path)
     preds = tmp_path / "preds.jsonl"
@@ -90,7 +69,7 @@ def test_eval_twice_second_makes_no_model_call(tmp_path: Path, cache_dir: Path, 
 
 
 def test_checkpoint_prompts_are_applied(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dlngraph.runner import evaluate
+    from dlngraph.api import evaluate
 
     spec = write_spec(tmp_path)
     learned = "Tell whether this review is happy (positive) or unhappy (negative)."

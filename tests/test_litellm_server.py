@@ -120,7 +120,7 @@ def test_probe_refuses_the_shifted_echo_logprobs(server: LlamaServer, tmp_path: 
 
 
 def test_forward_and_eval_through_litellm(server: LlamaServer, tmp_path: Path) -> None:
-    from dlngraph.runner import evaluate, run
+    from dlngraph.api import evaluate, run
 
     path = write_spec(tmp_path / "spec", {"api_base": server.api_base})
     outputs = run(path, examples("dev", 2), cache_dir=tmp_path / "cache")
@@ -135,9 +135,10 @@ def test_forward_and_eval_through_litellm(server: LlamaServer, tmp_path: Path) -
 
 
 def test_short_fit_through_litellm(server: LlamaServer, tmp_path: Path) -> None:
-    fitting = pytest.importorskip("dlngraph.fitting", reason="the trainer has not landed")
+    from dlngraph.api import fit
+
     path = write_spec(tmp_path / "spec", {"api_base": server.api_base})
-    result = fitting.fit(path, out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    result = fit(path, out=tmp_path / "run", cache_dir=tmp_path / "cache")
     assert result.iterations == 1
     assert (tmp_path / "run" / "checkpoints" / "iter-0001.yaml").is_file()
     assert isinstance(result.best["prompts"]["answer"], str) and result.best["prompts"]["answer"]
@@ -205,7 +206,7 @@ def test_two_servers_behind_one_router_both_receive_requests(server: LlamaServer
 
 
 def test_server_killed_mid_run_and_restarted_finishes_by_retrying(server: LlamaServer, logs: Path, tmp_path: Path) -> None:
-    from dlngraph.runner import evaluate
+    from dlngraph.api import evaluate
 
     reference = evaluate(write_spec(tmp_path / "ref", {"api_base": server.api_base}, dev=8), "dev", no_cache=True)
     flaky = LlamaServer(logs).start()
@@ -232,8 +233,8 @@ def test_server_killed_mid_run_and_restarted_finishes_by_retrying(server: LlamaS
 
 
 def test_server_killed_for_good_stops_with_checkpoint_and_full_cache(logs: Path, tmp_path: Path) -> None:
-    fitting = pytest.importorskip("dlngraph.fitting", reason="the trainer has not landed")
-    from dlngraph.runner import load_checkpoint
+    from dlngraph.api import fit as fit_spec
+    from dlngraph.runtime.checkpoint import load_learned
 
     doomed = LlamaServer(logs).start()
     backend = {"api_base": doomed.api_base, "max_retries": 2, "backoff": 0.1, "max_errors": 3, "capabilities": ["generate", "top_logprobs"]}
@@ -243,7 +244,7 @@ def test_server_killed_for_good_stops_with_checkpoint_and_full_cache(logs: Path,
 
     def fit() -> None:
         try:
-            done["result"] = fitting.fit(path, out=run_dir, cache_dir=cache_dir)
+            done["result"] = fit_spec(path, out=run_dir, cache_dir=cache_dir)
         except RuntimeFailure as exc:
             done["error"] = exc
 
@@ -261,7 +262,7 @@ def test_server_killed_for_good_stops_with_checkpoint_and_full_cache(logs: Path,
 
     # A usable checkpoint: the last one loads, and its prompts are what a resume starts from.
     checkpoints = sorted((run_dir / "checkpoints").glob("iter-*.yaml"))
-    assert checkpoints and load_checkpoint(checkpoints[-1])["answer"]
+    assert checkpoints and load_learned(checkpoints[-1])["prompts"]["answer"]
     # Nothing lost: every answer cached before the kill is still there, in a sound database.
     with sqlite3.connect(cache_dir / "cache.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

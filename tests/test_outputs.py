@@ -157,12 +157,12 @@ def test_compile_output_replaces_an_existing_file_only_with_force(spec: Path, tm
 def test_eval_out_is_checked_before_any_model_call(
     spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dlngraph.runner
+    import dlngraph.runtime.backends.registry
 
     def no_backends(*args: object, **kwargs: object) -> None:
         raise AssertionError("a backend was opened before the output was checked")
 
-    monkeypatch.setattr(dlngraph.runner, "open_backends", no_backends)
+    monkeypatch.setattr(dlngraph.runtime.backends.registry, "open_backends", no_backends)
     data = tmp_path / "data" / "dev.jsonl"
     checkpoint = tmp_path / "best.yaml"
     checkpoint.write_text("prompts: {answer: Say positive.}\n")

@@ -27,9 +27,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
 
 
 def test_proposals_come_from_the_proposer_backend(server: LlamaServer, tmp_path: Path, torch_backend: Any) -> None:
-    from dlngraph.api import compile_spec
-    from dlngraph.fitting import fit
-    from dlngraph.runner import open_backends
+    from dlngraph.api import compile_spec, fit
+    from dlngraph.runtime.backends.registry import open_backends
 
     for split, count in (("train", 8), ("dev", 4)):
         rows = (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
@@ -61,7 +60,7 @@ def test_proposals_come_from_the_proposer_backend(server: LlamaServer, tmp_path:
 
     backends = open_backends(plan, cache_dir=tmp_path / "cache")
     assert set(backends) == {"local", "writer"}
-    result = fit(path, out=tmp_path / "run", plan=plan, backends=backends)
+    result = fit(plan, out=tmp_path / "run", backends=backends)
     assert result.iterations == 1
     writer = backends["writer"].usage
     assert writer.calls == 1 and writer.requests == 2  # the proposals, one batched call, nothing else

@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dlngraph.runner import evaluate, load_checkpoint  # noqa: E402
+from dlngraph.api import evaluate  # noqa: E402
+from dlngraph.runtime.checkpoint import load_learned  # noqa: E402
 
 from common import PROPOSAL_TOKENS, Budget, PeerResult, Task, TASKS, add_budget_args, budget_from, write_subsets  # noqa: E402
 
@@ -109,7 +110,7 @@ def main() -> None:
         initial = test_accuracy(spec, None)
         best = fit(spec, Path(tmp) / "run")
         final = test_accuracy(spec, best)
-        prompt = load_checkpoint(best)["answer"]
+        prompt = load_learned(best)["prompts"]["answer"]
         # the run directory (metrics, checkpoints, predictions) stays beside the result
         shutil.copytree(Path(tmp) / "run", args.out.with_suffix(".run"), dirs_exist_ok=True)
     suffix = "" if args.backend == "litellm" else " (torch backend, not like-for-like)"

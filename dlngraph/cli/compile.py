@@ -59,9 +59,8 @@ def compile_cmd(
     Exits 0 with the plan, or 2 with every error found, each as
     FILE:LINE:COL: error: MESSAGE with the source line and a hint.
     """
-    from dlngraph.api import compile_spec
+    from dlngraph.api import compile_spec, input_files
     from dlngraph.compiler.render import render
-    from dlngraph.runner import input_files
     from dlngraph.runtime.files import check_output, write_atomic
 
     try:

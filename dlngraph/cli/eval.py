@@ -23,7 +23,7 @@ def eval_cmd(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per batched call."),
 ) -> None:
     """Evaluate SPEC on a split: print the metric, optionally write predictions."""
-    from dlngraph.runner import evaluate
+    from dlngraph.api import evaluate
 
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:

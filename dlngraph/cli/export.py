@@ -16,9 +16,7 @@ def export_cmd(
     force: bool = FORCE,
 ) -> None:
     """Write SPEC with the checkpoint's prompts in place of the nodes' prompts; the result is compiled."""
-    from dlngraph.api import compile_spec
-    from dlngraph.fitting import export
-    from dlngraph.runner import input_files
+    from dlngraph.api import compile_spec, export, input_files
     from dlngraph.runtime.files import check_output
 
     check_output(out, protected=input_files(compile_spec(spec), checkpoint), force=force)

@@ -32,8 +32,8 @@ class _Bars:
         self.progress.update(self.calls, completed=self.made, description=f"{purpose} ({requests} requests)")
 
 
-def _cost(plan) -> str:  # noqa: ANN001 - ExecutionPlan
-    """The projected cost when every backend is one priced litellm model, else why not."""
+def _cost(plan, estimate) -> str:  # noqa: ANN001 - ExecutionPlan, Estimate
+    """The cost of `estimate` when every backend is one priced litellm model, else why not."""
     models = {getattr(plan.spec.backends[n.backend], "model", None) for n in plan.nodes.values()}
     kinds = {n.backend_kind for n in plan.nodes.values()}
     if kinds != {"litellm"} or len(models) != 1:
@@ -41,7 +41,6 @@ def _cost(plan) -> str:  # noqa: ANN001 - ExecutionPlan
     from dlngraph.runtime.backends.litellm_backend import import_litellm
 
     try:
-        estimate = plan.estimate()
         prompt, completion = import_litellm().cost_per_token(
             model=models.pop(), prompt_tokens=estimate.prompt_tokens, completion_tokens=estimate.completion_tokens
         )
@@ -66,8 +65,7 @@ def fit_cmd(
 ) -> None:
     """Train the prompts of SPEC; prints the projected calls and tokens before the first call."""
     from dlngraph.api import compile_spec
-    from dlngraph.fitting import fit
-    from dlngraph.runtime.rundir import default_path
+    from dlngraph.runtime.fit import Fit
 
     plan = compile_spec(spec)
     per, whole = plan.estimate_per_iteration, plan.estimate(iterations)
@@ -77,29 +75,22 @@ def fit_cmd(
     )
     typer.echo(
         f"whole fit: ~{whole.calls} calls, {whole.requests} requests, "
-        f"{whole.prompt_tokens} prompt + {whole.completion_tokens} completion tokens; {_cost(plan)}"
+        f"{whole.prompt_tokens} prompt + {whole.completion_tokens} completion tokens; {_cost(plan, whole)}"
     )
     if dry_run:
         return
-    run_dir = resume or out or default_path(plan.name)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-            result = fit(
-                spec,
-                out=None if resume else run_dir,
-                resume=resume,
-                seed=seed,
-                iterations=iterations,
-                cache_dir=cache,
-                no_cache=no_cache,
-                mlflow=mlflow,
-                plan=plan,
-                events=_Bars(progress),
-            )
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; the last checkpoint is saved. Continue with: dlngraph fit {spec} --resume {run_dir}", err=True)
-        raise typer.Exit(130) from None
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        options = dict(seed=seed, iterations=iterations, cache_dir=cache, no_cache=no_cache, mlflow=mlflow,
+                       events=_Bars(progress))
+        fit = Fit.resume(resume, plan, **options) if resume is not None else Fit.start(plan, out, **options)
+        try:
+            result = fit.run()
+        except KeyboardInterrupt:
+            progress.stop()
+            typer.echo(f"interrupted; the last checkpoint is saved. Continue with: "
+                       f"dlngraph fit {spec} --resume {fit.run_dir.path}", err=True)
+            raise typer.Exit(130) from None
     best = result.best
     dev = "n/a" if best["dev_acc"] is None else f"{best['dev_acc']:.4f}"
     typer.echo(f"done: {result.iterations} iteration(s){' (early stop)' if result.stopped_early else ''}; "

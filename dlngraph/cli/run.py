@@ -22,10 +22,10 @@ def run_cmd(
 ) -> None:
     """Run SPEC on examples given inline or in a file; print every node's output."""
     from dlngraph.errors import RuntimeFailure
-    from dlngraph.runner import compile_plan, run
+    from dlngraph.api import load_plan, run
     from dlngraph.runtime.data import parse_example, read_jsonl
 
-    plan = compile_plan(spec)
+    plan = load_plan(spec)
     fields = list(plan.spec.inputs)
     examples = [parse_example(text, fields, where=f"--input #{i}") for i, text in enumerate(inputs, 1)]
     if input_file is not None:
