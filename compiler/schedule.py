@@ -21,7 +21,10 @@ REQUIRES "acyclic", "capable", "data_checked". GUARANTEES "planned".
   proposals, the dev memory and, for layers with demonstrations, the
   demonstration sets tried; demonstrations count in every request's prompt.
 
-Token counts are estimates: characters / 4, with mean field lengths from the
+A call's `op` and `requests` are what the runtime sends through the backend
+interface (`generate` / `score`); its tokens are what the model reads and writes
+(a top-logprobs backend answers a choice's score requests with one generated
+token per example). Token counts are estimates: characters / 4, with mean field lengths from the
 data pass (64 tokens per field without data) and `max_tokens` for generated
 text (an upper bound).
 """
@@ -162,9 +165,9 @@ class _Sizes:
         p = self.prompt(d)
         if d.output_type == "text":
             return BatchedCall("generate", purpose, d.backend, (d.name,), examples, examples * p, examples * self.output(d))
-        if not self.scores(d):  # top-logprobs: one generated token per example
-            return BatchedCall("generate", purpose, d.backend, (d.name,), examples, examples * p, examples)
         n = examples * len(d.choices)
+        if not self.scores(d):  # top-logprobs: the backend asks one generated token per example
+            return BatchedCall("score", purpose, d.backend, (d.name,), n, examples * p, examples)
         return BatchedCall("score", purpose, d.backend, (d.name,), n, n * p, examples * sum(tokens(len(c)) for c in d.choices))
 
     def score_targets(self, d: NodeData, count: int, purpose: str, target_tokens: int) -> BatchedCall:

@@ -64,10 +64,12 @@ class PlanMismatch(AssertionError):
 
 @dataclass(frozen=True)
 class MadeCall:
-    """One backend call the backward pass made: the plan's call and the requests sent."""
+    """One backend call the backward pass made: the plan's call, the nodes whose requests
+    it carried and how many requests were sent (identical ones once)."""
 
     stage: int
     call: BatchedCall
+    nodes: tuple[str, ...]
     requests: int
 
 
@@ -254,7 +256,8 @@ class Trainer:
         for call in stage.calls:
             if call.purpose == purpose:
                 keys = [k for k in deferred if by(k) in call.nodes]
-                answers.update(zip(keys, self.send(stage, call, [deferred[k] for k in keys])))
+                nodes = tuple(sorted({by(k) for k in keys if deferred[k].requests}))
+                answers.update(zip(keys, self.send(stage, call, nodes, [deferred[k] for k in keys])))
         for key, d in deferred.items():
             if key not in answers:
                 if d.requests:
@@ -262,9 +265,11 @@ class Trainer:
                 answers[key] = d.decode([])
         return answers
 
-    def send(self, stage: Stage, call: BatchedCall, deferred: Sequence[Deferred[Any]]) -> list[Any]:
-        """The plan's `call`: every request of `deferred` in ONE backend call, identical
-        requests sent once; answers go back to each deferred in order."""
+    def send(
+        self, stage: Stage, call: BatchedCall, nodes: tuple[str, ...], deferred: Sequence[Deferred[Any]]
+    ) -> list[Any]:
+        """The plan's `call`: every request of `deferred` (of `nodes`) in ONE backend call,
+        identical requests sent once; answers go back to each deferred in order."""
         unique: dict[tuple[str, str], dict[Any, int]] = {}
         for d in deferred:
             if (d.backend, d.op) != (call.backend, call.op) and not d.op.startswith(THINK_OP):
@@ -282,7 +287,7 @@ class Trainer:
                 answers[(backend, op)] = self.operation(backend, op)(list(requests))
         finally:
             self.current = None
-        self.made.append(MadeCall(stage.index, call, sum(len(r) for r in unique.values())))
+        self.made.append(MadeCall(stage.index, call, nodes, sum(len(r) for r in unique.values())))
         return [
             d.decode([answers[(d.backend, d.op)][unique[(d.backend, d.op)][r]] for r in d.requests]) for d in deferred
         ]

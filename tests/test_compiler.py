@@ -172,13 +172,18 @@ def test_capability_resolver_hook_decides(tmp_path: Path) -> None:
     assert "score or top_logprobs" in info.value.diagnostics[0].message
 
 
-def test_top_logprobs_backend_schedules_choice_forward_as_one_token_generation() -> None:
+def test_top_logprobs_backend_schedules_choice_forward_as_one_token_per_example() -> None:
     def logprobs_only(name: str, spec: object) -> frozenset[Capability]:
         return frozenset({Capability.GENERATE, Capability.TOP_LOGPROBS})
 
     plan = compile_unit(ROOT / "specs/dln1-mpqa.yaml", capability_resolver=logprobs_only).plan
-    call = plan.forward[0].calls[0]
-    assert (call.op, call.requests, call.completion_tokens) == ("generate", plan.spec.train.batch_size, plan.spec.train.batch_size)
+    scoring = compile_unit(ROOT / "specs/dln1-mpqa.yaml").plan
+    call, exact = plan.forward[0].calls[0], scoring.forward[0].calls[0]
+    b = plan.spec.train.batch_size
+    # the runtime sends the same score requests (every choice of every example) ...
+    assert (call.op, call.requests) == (exact.op, exact.requests) == ("score", b * 2)
+    # ... which the backend answers with one generated token per example
+    assert call.completion_tokens == b and call.prompt_tokens == exact.prompt_tokens // 2
 
 
 def test_token_estimate_uses_data_lengths() -> None:
