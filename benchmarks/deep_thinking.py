@@ -47,10 +47,12 @@ from typing import Any
 import torch
 
 from dlngraph.compiler.plan import NodeKind, PlanNode
-from dlngraph.runtime import calibration
+from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.backends.base import ScoreRequest
+from dlngraph.runtime.cache import CachedBackend, MemoryCache
 from dlngraph.runtime.data import read_jsonl
 from dlngraph.runtime.kv_state import KVState
-from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, best_step, score_choices, step_score
+from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, best_step, step_score
 from dlngraph.spec import DeepThinkingNode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmarks: one task table, one McNemar test
@@ -130,9 +132,9 @@ class EtaRun:
 
 
 def scores_of(layer: DeepThinkingLayer, state: KVState | None, rows: list[dict[str, str]]) -> dict[str, list[dict[str, float]]]:
-    """Raw and contextually calibrated choice log-probs from `state`."""
-    raw = layer.choice_logprobs(state, rows)
-    return {"raw": raw, "calibrated": calibration.apply_all(raw, layer.label_prior(state))}
+    """Raw and contextually calibrated choice log-probs from `state` (the rows are
+    scored once: the second asks again and the layer's in-run memo answers)."""
+    return {"raw": layer.choice_logprobs(state, rows, calibrated=False), "calibrated": layer.choice_logprobs(state, rows)}
 
 
 def test_outcome(steps: int, scored: list[dict[str, float]], targets: list[str]) -> Scored:
@@ -149,7 +151,6 @@ def run_seed(
     layer = make_layer(task, seed, args, backend, eta)
     text = layer.demo_text(layer.demonstrations())
     curves: dict[str, list[Any]] = {m: [] for m in MODES}
-    selected: dict[str, tuple[Any, dict[str, list[dict[str, float]]] | None]] = {}
     best_states: dict[str, KVState] = {}
     for state in layer.think_steps(text):
         steps = state.meta.steps
@@ -199,12 +200,12 @@ def repeat_baseline(
     layer: DeepThinkingLayer, text: str, steps: int, test: tuple[list[dict[str, str]], list[str]]
 ) -> Scored | str:
     """The demonstrations written `steps` times then the query, or why that does not fit."""
-    context = int(getattr(layer.backend.model.config, "max_position_embeddings", 2048))
-    length = len(layer.backend.token_ids(text * steps))
-    longest = max(len(layer.backend.token_ids(q)) for q in layer.queries(test[0])[0]) + 8
-    if length + longest > context:
-        return (f"skipped: {steps} x the demonstrations is {length} tokens, {length + longest} with the longest "
-                f"query, more than the model's context of {context}")
+    longest = max(len(layer.engine.token_ids(q)) for q in layer.queries(test[0])[0]) + 8
+    try:
+        layer.engine.check_context(len(layer.engine.token_ids(text * steps)) + longest,
+                                   f"{steps} x the demonstrations with the longest query")
+    except RuntimeFailure as exc:
+        return f"skipped: {str(exc).splitlines()[0]}"
     state = layer.think(text * steps, 1)
     return test_outcome(steps, layer.choice_logprobs(state, test[0]), test[1])
 
@@ -218,7 +219,7 @@ def run_accuracy(task: str, args: argparse.Namespace, backend: Any) -> list[EtaR
     for eta in args.etas:
         run = EtaRun(eta)
         for seed in args.seeds:
-            r = run_seed(task, seed, eta, args, backend, dev, test, icl_cache, repeat_cache)
+            r = run_seed(task, seed, eta, args, CachedBackend(backend, MemoryCache()), dev, test, icl_cache, repeat_cache)
             repeat = r.repeat if isinstance(r.repeat, str) else f"{r.repeat.accuracy:.3f}"
             print(f"  {task} eta {eta} seed {seed}: L={r.length} "
                   f"dev raw {r.dev_curve['raw']} cal {r.dev_curve['calibrated']} | "
@@ -274,46 +275,43 @@ METHODS = ("icl-reread", "icl-cached", "deep-thinking")
 @dataclass
 class CostInputs:
     text: str  # the rendered demonstrations
-    demos: list[int]
-    queries: list[list[int]]
-    choices: list[list[list[int]]]
+    queries: list[str]
+    continuations: list[list[str]]
 
 
 def cost_inputs(task: str, args: argparse.Namespace, backend: Any) -> tuple[DeepThinkingLayer, CostInputs]:
     layer = make_layer(task, 0, args, backend, args.etas[0])
-    text = layer.demo_text(layer.demonstrations())
     rows, _ = split(task, "test", args.latency_queries + WARMUP)
-    queries, continuations = layer.queries(rows)
-    ids = lambda text: list(backend.token_ids(text))  # noqa: E731
-    choices = [[ids(c) for c in cs] for cs in continuations]
-    return layer, CostInputs(text, ids(text), [ids(q) for q in queries], choices)
+    return layer, CostInputs(layer.demo_text(layer.demonstrations()), *layer.queries(rows))
 
 
-def prefix_of(method: str, layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) -> KVState | None:
+def prefix_of(method: str, backend: Any, layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) -> str:
+    """The digest of the state a method reads after, held on the backend ("" for none)."""
     if method == "icl-cached":
-        return layer.think(inputs.text, 1)  # pass 1 is the plain K/V cache of the demonstrations
+        return backend.hold(method, layer.think(inputs.text, 1))  # pass 1: the demonstrations' plain K/V cache
     if method == "deep-thinking":
-        return KVState.load(state_file)
-    return None
+        return backend.hold(method, KVState.load(state_file))
+    return ""
 
 
-def answer(model: Any, method: str, prefix: KVState | None, inputs: CostInputs, i: int) -> None:
-    """One query, both choices; re-reading puts the demonstrations in front of it."""
-    query = inputs.demos + inputs.queries[i] if method == "icl-reread" else inputs.queries[i]
-    score_choices(model, prefix, [query], [inputs.choices[i]])
-    if model.device.type == "cuda":
+def answer(backend: Any, method: str, state: str, inputs: CostInputs, i: int) -> None:
+    """One query, both choices, through the backend's scoring; re-reading sends the
+    demonstrations as the prefix of the query (their cache is computed per call)."""
+    prefix = inputs.text if method == "icl-reread" else ""
+    backend.score([ScoreRequest(inputs.queries[i], c, prefix=prefix, state=state) for c in inputs.continuations[i]])
+    if backend.device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def latencies(layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) -> dict[str, float]:
+def latencies(backend: Any, layer: DeepThinkingLayer, inputs: CostInputs, state_file: Path) -> dict[str, float]:
     """Median seconds per query of each method, interleaved query by query (rotating
     the order) so a busy machine slows every method alike."""
-    prefixes = {m: prefix_of(m, layer, inputs, state_file) for m in METHODS}
+    prefixes = {m: prefix_of(m, backend, layer, inputs, state_file) for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for i in range(len(inputs.queries)):
         for m in METHODS[i % 3 :] + METHODS[: i % 3]:
             started = time.perf_counter()
-            answer(layer.backend.model, m, prefixes[m], inputs, i)
+            answer(backend, m, prefixes[m], inputs, i)
             if i >= WARMUP:
                 times[m].append(time.perf_counter() - started)
     return {m: statistics.median(ts) for m, ts in times.items()}
@@ -327,12 +325,11 @@ def _peak_memory(job: dict[str, Any]) -> float:
     args = job["args"]
     torch.set_num_threads(args.threads)
     backend = TorchBackend(TorchBackendSpec(device=args.device))
-    model = backend.model
     layer, inputs = cost_inputs(job["task"], args, backend)
     # A tiny forward touches every weight page (safetensors are memory-mapped),
     # so the figure is the method's own memory, not the model's.
-    score_choices(model, None, [inputs.demos[:4]], [[inputs.demos[4:5]]])
-    cuda = model.device.type == "cuda"
+    backend.score([ScoreRequest(inputs.text[:20], inputs.text[20:24])])
+    cuda = backend.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -340,9 +337,9 @@ def _peak_memory(job: dict[str, Any]) -> float:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS counts again from here
         base = _rss_kib("VmRSS") * 1024
-    prefix = prefix_of(job["method"], layer, inputs, Path(job["state"]))
+    prefix = prefix_of(job["method"], backend, layer, inputs, Path(job["state"]))
     for i in range(len(inputs.queries)):
-        answer(model, job["method"], prefix, inputs, i)
+        answer(backend, job["method"], prefix, inputs, i)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
     return (peak - base) / 2**20
 
@@ -357,7 +354,7 @@ def run_cost(task: str, args: argparse.Namespace, backend: Any, tmp: Path) -> di
     out: dict[str, dict[str, float]] = {
         "think": {"seconds": think_s, "state_mib": state_file.stat().st_size / 2**20, "L": state.length}
     }
-    seconds = latencies(layer, inputs, state_file)
+    seconds = latencies(backend, layer, inputs, state_file)
     ctx = multiprocessing.get_context("spawn")
     for method in METHODS:
         with ctx.Pool(1) as pool:

@@ -275,7 +275,8 @@ def report_dln2(today: TorchBackend, default: TorchBackend, batch_size: int) -> 
 def report_deep_thinking(backends: dict[str, TorchBackend], limits: Limits, steps: int, queries: int) -> None:
     from dlngraph.compiler.plan import NodeKind, PlanNode
     from dlngraph.runtime.data import read_jsonl
-    from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, score_choices
+    from dlngraph.runtime.backends.base import ScoreRequest
+    from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
     from dlngraph.spec import DeepThinkingNode
 
     data = ROOT / "specs" / "data" / "mpqa"
@@ -298,16 +299,15 @@ def report_deep_thinking(backends: dict[str, TorchBackend], limits: Limits, step
         think = best_seconds(lambda: layer.think(text, steps), backend.device, repeats=2)
         state = layer.think(text, steps)
         texts, continuations = layer.queries(rows)
-        ids = [list(backend.token_ids(t)) for t in texts]
-        choices = [[list(backend.token_ids(c)) for c in cs] for cs in continuations]
+        digest = backend.hold("answer", state)
+        requests = [[ScoreRequest(t, c, state=digest) for c in cs] for t, cs in zip(texts, continuations)]
         per_query = []
         for i in range(len(rows)):
-            per_query.append(best_seconds(lambda i=i: score_choices(backend.model, state, [ids[i]], [choices[i]]),
-                                          backend.device, repeats=1))
+            per_query.append(best_seconds(lambda i=i: backend.score(requests[i]), backend.device, repeats=1))
         peak = limits.matmul.get(backend.dtype, limits.matmul[torch.float32])
         think_floor = 2 * body_parameters(backend) * state.length * steps / peak  # T passes of L tokens
         query_floor = max(model_bytes(backend) / limits.bandwidth,
-                          2 * body_parameters(backend) * statistics.mean(map(len, ids)) / peak)
+                          2 * body_parameters(backend) * statistics.mean(len(backend.token_ids(t)) for t in texts) / peak)
         print(f"  {label:<8} think {think * 1e3:8.1f} ms over L={state.length} (compute floor {think_floor * 1e3:.2f} ms); "
               f"query {statistics.median(per_query) * 1e3:7.2f} ms median (floor {query_floor * 1e3:.3f} ms)")
 

@@ -35,6 +35,7 @@ from dlngraph.runtime.backends.base import (
     Backend,
     GenerateRequest,
     Generation,
+    KVPrefixScoring,
     PartialBatch,
     Score,
     ScoreRequest,
@@ -64,7 +65,11 @@ CREATE TABLE IF NOT EXISTS entries (
 
 
 def request_key(kind: str, identity: str, op: str, request: Any) -> str:
-    payload = {"kind": kind, "identity": identity, "op": op, "request": dataclasses.asdict(request)}
+    fields = dataclasses.asdict(request)
+    # A score request without a K/V state keys as before the field existed, so stored answers stay valid.
+    if fields.get("state") == "":
+        del fields["state"]
+    payload = {"kind": kind, "identity": identity, "op": op, "request": fields}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -306,11 +311,10 @@ class CachedBackend:
         self.identity = inner.identity
         self.usage = Usage()
 
-    def __getattr__(self, name: str) -> Any:
-        # Backend-specific attributes (model, tokenizer, ...) pass through.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    def kv_engine(self) -> KVPrefixScoring | None:
+        """The inner backend's K/V-prefix engine (None without one). States are
+        held there; score requests naming them still come through this cache."""
+        return self.inner if isinstance(self.inner, KVPrefixScoring) else None
 
     def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         return self._through("generate", requests, self.inner.generate, _decode_generation)

@@ -12,6 +12,7 @@ same demonstrations, model and hyperparameters; otherwise it refuses with a
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import tempfile
@@ -108,6 +109,16 @@ class KVState:
                 layer,
             )
         return cache
+
+    def digest(self) -> str:
+        """sha256 of the tensors (shape, dtype and bytes): names the state by its
+        content, so score requests naming it can be cached safely."""
+        sha = hashlib.sha256()
+        for tensor in [*self.keys, *self.values]:
+            host = tensor.detach().contiguous().cpu()
+            sha.update(f"{tuple(host.shape)}{host.dtype}".encode())
+            sha.update(host.view(torch.uint8).numpy().tobytes())
+        return sha.hexdigest()
 
     def clone(self, **changes: object) -> "KVState":
         return KVState(

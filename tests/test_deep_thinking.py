@@ -4,7 +4,9 @@ and on a tiny seeded random Llama where the tuned state provably changes answers
 The reference computations here call the model directly and do not use the
 layer's code: plain in-context learning (demonstrations + query in one
 forward, and the torch backend's own prefix-cached scoring) and the gate /
-momentum updates written out from the paper's formulas.
+momentum updates written out from the paper's formulas. The layer scores
+through the torch backend's one K/V-prefix engine (`ScoreRequest.state`), so
+its choice log-probs equal the backend's exactly where the prefix is the same.
 
 Tests taking `device_backend` run on CPU (float32) and, where torch sees a GPU,
 on CUDA (bfloat16, the default there). Tolerances per dtype: float32 logits
@@ -26,11 +28,15 @@ from transformers import DynamicCache
 from dlngraph.compiler.plan import NodeKind, PlanNode
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import ScoreRequest
+from dlngraph.runtime.backends.torch_backend import TorchBackend
 from dlngraph.runtime import calibration
+from dlngraph.runtime.backward import run_now
+from dlngraph.runtime.cache import CachedBackend, MemoryCache
 from dlngraph.runtime.executor import Executor
 from dlngraph.runtime.kv_state import KVState, forward_with_cache
-from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, prefix_hidden, state_path
-from dlngraph.spec import DeepThinkingNode, Spec
+from dlngraph.runtime.layers.base import Params
+from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer, state_path
+from dlngraph.spec import DeepThinkingNode, Spec, TorchBackendSpec
 
 pytestmark = pytest.mark.model
 
@@ -74,7 +80,7 @@ def node_spec(**changes: object) -> DeepThinkingNode:
 def make_layer(backend, **changes: object) -> DeepThinkingLayer:
     spec = node_spec(**changes)
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
-                    (), False, "target")
+                    (), False, "target", spec=spec)
     return DeepThinkingLayer(node, spec, backend)
 
 
@@ -124,13 +130,16 @@ def test_one_step_is_plain_in_context_learning(device_backend) -> None:
     state = layer.think(layer.demo_text(DEMOS), 1)
     assert state.length == len(ids) and state.meta.steps == 1
     model = device_backend.model
-    for row in QUERIES:
-        query = list(device_backend.token_ids(layer.queries([row])[0][0]))
+    texts, continuations = layer.queries(QUERIES)
+    digest = device_backend.hold("test", state)
+    requests = [ScoreRequest(t, c, state=digest) for t, cs in zip(texts, continuations) for c in cs]
+    for request, score in zip(requests, device_backend.score(requests)):
+        query, choice = device_backend.token_ids(request.prompt), device_backend.token_ids(request.continuation)
         with torch.no_grad():
-            full = model(input_ids=torch.tensor([ids + query], device=model.device)).logits[0, len(ids):]
-            hidden, _ = prefix_hidden(model, state, [query])
-            from_state = model.get_output_embeddings()(hidden)[0]
-        assert float((full.float() - from_state.float()).abs().max()) < LOGIT_TOLERANCE[model.dtype]
+            full = model(input_ids=torch.tensor([ids + [*query, *choice]], device=model.device)).logits[0]
+        logprobs = torch.log_softmax(full.float(), dim=-1)
+        expected = [float(logprobs[len(ids) + len(query) + j - 1, tok]) for j, tok in enumerate(choice)]
+        assert score.token_logprobs == pytest.approx(expected, abs=LOGIT_TOLERANCE[model.dtype])
 
 
 def test_one_step_choice_logprobs_match_the_backends_prefix_scoring(torch_backend) -> None:
@@ -141,12 +150,42 @@ def test_one_step_choice_logprobs_match_the_backends_prefix_scoring(torch_backen
         [ScoreRequest(prompt=t, continuation=c, prefix=demos) for t, cs in zip(texts, continuations) for c in cs]
     )
     ours = layer.forward(QUERIES)
-    for i, lp in enumerate(ours.choice_logprobs):
-        totals = torch.tensor([scores[2 * i].total, scores[2 * i + 1].total], dtype=torch.float64)
-        expected = (totals - torch.logsumexp(totals, 0)).tolist()
-        assert [lp["negative"], lp["positive"]] == pytest.approx(expected, abs=1e-4)
+    # One engine: the state of pass 1 is the demonstrations' own cache, so the
+    # numbers are the backend's prefix scoring exactly, not merely close.
+    assert ours.choice_logprobs == normalized(scores)
     assert ours.outputs == [max(lp, key=lp.__getitem__) for lp in ours.choice_logprobs]
     assert ours.extra == {"steps": 1, "demo_tokens": len(demo_ids(layer))}
+
+
+def normalized(scores) -> list[dict[str, float]]:
+    """Backend scores of (negative, positive) per query, normalized over the two."""
+    out = []
+    for neg, pos in zip(scores[::2], scores[1::2]):
+        norm = calibration.logsumexp([neg.total, pos.total])
+        out.append({"negative": neg.total - norm, "positive": pos.total - norm})
+    return out
+
+
+def test_zero_state_choice_logprobs_are_the_backends_plain_scoring(torch_backend) -> None:
+    layer = make_layer(torch_backend)
+    texts, continuations = layer.queries(QUERIES)
+    plain = torch_backend.score([ScoreRequest(prompt=t, continuation=c) for t, cs in zip(texts, continuations) for c in cs])
+    assert layer.choice_logprobs(None, QUERIES) == normalized(plain)
+
+
+def test_state_requests_batch_and_cache_like_any_other(torch_backend) -> None:
+    cached = CachedBackend(torch_backend, MemoryCache())
+    layer = make_layer(cached)
+    state = layer.think(layer.demo_text(DEMOS), 2)
+    deferred = layer.distributions(state, QUERIES)
+    assert deferred.op == "score" and deferred.backend == "local"
+    assert {r.state for r in deferred.requests} == {state.digest()}
+    first = layer.choice_logprobs(state, QUERIES)
+    assert cached.usage.cache_hits == 0
+    assert layer.choice_logprobs(state.clone(), QUERIES) == first  # same content, same digest: from the cache
+    assert cached.usage.cache_hits == len(deferred.requests)
+    moved = layer.think(layer.demo_text(DEMOS), 3)
+    assert moved.digest() != state.digest() and layer.choice_logprobs(moved, QUERIES) != first
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.9])
@@ -252,12 +291,14 @@ def test_executor_runs_a_deep_thinking_node(torch_backend, build_plan) -> None:
     assert record.extra["steps"] == 2
 
 
-def test_target_logprobs_read_the_prepared_state(torch_backend) -> None:
+def test_target_scores_read_the_prepared_state(torch_backend) -> None:
     layer = make_layer(torch_backend)
     record = layer.forward(QUERIES)
-    assert layer.target_logprobs(QUERIES, TARGETS) == [lp[t] for lp, t in zip(record.choice_logprobs, TARGETS)]
+    scored = run_now(layer.target_scores([(Params(""), row, t) for row, t in zip(QUERIES, TARGETS)]), torch_backend)
+    assert [s.logprob for s in scored] == [lp[t] for lp, t in zip(record.choice_logprobs, TARGETS)]
+    assert [s.distribution for s in scored] == record.choice_logprobs
     with pytest.raises(RuntimeFailure, match="'neutral' are not among the choices"):
-        layer.target_logprobs(QUERIES[:1], ["neutral"])
+        layer.target_scores([(Params(""), QUERIES[0], "neutral")])
 
 
 def test_composed_spec_draws_demonstrations_from_the_plan_and_needs_upstream_dev_rows(torch_backend) -> None:
@@ -294,33 +335,28 @@ class AsciiTokenizer:
     """One token per character: enough for a model that was never trained on text."""
 
     name_or_path = "ascii"
-
-    def ids(self, text: str) -> tuple[int, ...]:
-        return tuple(ord(c) % 128 for c in text)
+    pad_token_id = 0
 
 
-class TinyBackend:
-    """The interface DeepThinkingLayer needs, over a seeded random 2-layer Llama."""
-
-    identity = "tiny-llama"
+class TinyBackend(TorchBackend):
+    """The torch backend (its one scoring engine) over a seeded random 2-layer Llama."""
 
     def __init__(self, device: str, seed: int = 5) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        # batch_size 4: several batches, so batching is exercised too
+        super().__init__(TorchBackendSpec(device=device, dtype="float32", batch_size=4))
+        self.identity = "tiny-llama"
         torch.manual_seed(seed)
         # initializer_range 0.2 (not 0.02) so attention is far from uniform and
         # the demonstrations' keys/values matter to the answer.
         config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              initializer_range=0.2)
-        self.model = LlamaForCausalLM(config).eval().to(device)
-        self.tokenizer = AsciiTokenizer()
+        self._loaded = (LlamaForCausalLM(config).eval().to(device), AsciiTokenizer())
 
     def token_ids(self, text: str) -> tuple[int, ...]:
-        return self.tokenizer.ids(text)
-
-    def rows_per_batch(self, tokens_per_row: int) -> int:
-        return 4  # several batches, so batching is exercised too
+        return tuple(ord(c) % 128 for c in text)
 
 
 TINY_ROWS = [{"input": s} for s in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
@@ -339,7 +375,7 @@ def tiny_layer(device: str, **changes: object) -> DeepThinkingLayer:
     fields.update(changes)
     spec = DeepThinkingNode.model_validate({"kind": "deep_thinking", **fields})
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", ("x", "y"), (), ("input",), (), False,
-                    "target")
+                    "target", spec=spec)
     return DeepThinkingLayer(node, spec, TinyBackend(device))
 
 
@@ -363,16 +399,29 @@ def test_contextual_calibration_divides_out_the_states_own_label_prior(device: s
     layer = tiny_layer(device, calibration="contextual")
     state = layer.think(layer.demo_text(layer.demonstrations()), 3)
     layer.state = state
-    raw = layer.choice_logprobs(state, TINY_ROWS)
-    content_free = layer.choice_logprobs(state, [{"input": t} for t in calibration.CONTENT_FREE])
-    prior = {c: sum(d[c] for d in content_free) / len(content_free) for c in ("x", "y")}
     record = layer.forward(TINY_ROWS)
-    for got, r in zip(record.choice_logprobs or [], raw):
+    assert record.choice_logprobs == calibrated_by_hand(layer, state)
+    # The prior is the state's own: another T gives another prior.
+    plain = layer.think(layer.demo_text(layer.demonstrations()), 1)
+    assert content_free_prior(layer, plain) != content_free_prior(layer, state)
+    assert layer.choice_logprobs(plain, TINY_ROWS) == calibrated_by_hand(layer, plain)
+
+
+def content_free_prior(layer: DeepThinkingLayer, state: KVState) -> dict[str, float]:
+    content_free = layer.choice_logprobs(state, [{"input": t} for t in calibration.CONTENT_FREE], calibrated=False)
+    return {c: sum(d[c] for d in content_free) / len(content_free) for c in ("x", "y")}
+
+
+def calibrated_by_hand(layer: DeepThinkingLayer, state: KVState) -> list[dict[str, float]]:
+    """The calibration done by hand on separately scored rows. The layer scores
+    rows and content-free rows in one call, batched otherwise: float32 agrees to 1e-6."""
+    prior = content_free_prior(layer, state)
+    out = []
+    for r in layer.choice_logprobs(state, TINY_ROWS, calibrated=False):
         shifted = {c: r[c] - prior[c] for c in r}
         norm = torch.logsumexp(torch.tensor(list(shifted.values()), dtype=torch.float64), 0).item()
-        assert got == pytest.approx({c: v - norm for c, v in shifted.items()}, abs=1e-9)
-    # The prior is the state's own: another T gives another prior.
-    assert layer.label_prior(layer.think(layer.demo_text(layer.demonstrations()), 1)) != prior
+        out.append(pytest.approx({c: v - norm for c, v in shifted.items()}, abs=1e-6))
+    return out
 
 
 def test_batch_calibration_needs_train_inputs(device: str) -> None:

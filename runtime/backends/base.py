@@ -9,10 +9,16 @@ capability pass reads them as data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from dlngraph.capabilities import Capability
 from dlngraph.errors import RuntimeFailure
+
+if TYPE_CHECKING:
+    import torch
+
+    from dlngraph.runtime.kv_state import KVState
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,15 @@ class Generation:
 class ScoreRequest:
     """log p(continuation | prompt). `prefix` is the part of the prompt shared
     by many requests (a node's instruction); backends may reuse its KV cache.
-    The full prompt is `prefix + prompt`."""
+    The full prompt is `prefix + prompt`. `state` names a K/V state the backend
+    holds (`KVPrefixScoring.hold`) by its content digest: the prompt is read
+    after it, as plain text. A digest, not the tensors, so that requests stay
+    hashable and the response cache keys on exactly the state's content."""
 
     prompt: str
     continuation: str
     prefix: str = ""
+    state: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,28 @@ class Backend(Protocol):
     def score(self, requests: list[ScoreRequest]) -> list[Score]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class KVPrefixScoring(Protocol):
+    """The K/V-prefix engine of a backend with `kv_access` (the torch backend), as
+    the Deep-Thinking layer uses it: the passes that build a state over token
+    ids, and holding a state so that ordinary `score` requests can name it
+    (`ScoreRequest.state`). The scoring itself is the backend's one `score`."""
+
+    identity: str
+
+    def tokenizer_name(self) -> str: ...
+
+    def token_ids(self, text: str) -> tuple[int, ...]: ...
+
+    def check_context(self, length: int, what: str = ..., *, node: str | None = None, hint: str = ...) -> None: ...
+
+    def kv_forward(
+        self, ids: Sequence[int], past: KVState | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
+
+    def hold(self, owner: str, state: KVState) -> str: ...
 
 
 @dataclass

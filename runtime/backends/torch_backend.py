@@ -10,6 +10,11 @@ joins the ids (`encode`), so reuse never changes results.
 
 Only the positions whose next-token distribution is needed go through the
 output projection (a third of the 135M model's weights).
+
+It is also the one K/V-prefix engine (`KVPrefixScoring`): a Deep-Thinking
+layer builds its state with `kv_forward` and `hold`s it here; score requests
+naming the state (`ScoreRequest.state`) read their prompt after it, through the
+same prefix-cached path as any other prefix.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -34,7 +40,7 @@ from dlngraph.runtime.backends.base import (
     ScoreRequest,
 )
 from dlngraph.runtime.backends.static_decode import StaticDecoder
-from dlngraph.runtime.kv_state import forward_with_cache
+from dlngraph.runtime.kv_state import KVState, forward_with_cache
 from dlngraph.runtime.models import ModelSource, load_causal_lm, pick_device
 from dlngraph.spec import TorchBackendSpec
 
@@ -92,6 +98,7 @@ class TorchBackend(BackendBase):
         self._loaded: tuple[Any, Any] | None = None
         self._decoder: StaticDecoder | None = None
         self._compile_failed = False
+        self._held: dict[str, tuple[str, KVState]] = {}  # owner -> (digest, snapshot of its state)
 
     # ------------------------------------------------------------------ model
 
@@ -115,6 +122,9 @@ class TorchBackend(BackendBase):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def tokenizer_name(self) -> str:
+        return Path(str(self.tokenizer.name_or_path)).name
 
     @property
     def context_length(self) -> int:
@@ -164,7 +174,7 @@ class TorchBackend(BackendBase):
     def encode(self, request: ScoreRequest) -> Encoded:
         """The ids every scoring path uses: prefix, prompt, continuation apart."""
         prefix, prompt = request.prefix, request.prompt
-        if self.spec.chat:
+        if self.spec.chat and not request.state:  # a state was built from plain text: read on plainly
             # The chat head joins the shared prefix, the tail joins the prompt
             # (a template that rewrites the message shares nothing).
             user = prefix + prompt
@@ -173,7 +183,10 @@ class TorchBackend(BackendBase):
             prefix, prompt = (wrapped[:at] + prefix, wrapped[at + len(prefix) :]) if at >= 0 else ("", wrapped)
         encoded = Encoded(self.token_ids(prefix), self.token_ids(prompt), self.token_ids(request.continuation))
         if not encoded.prefix and not encoded.prompt:
-            # The first continuation token needs something to be predicted from.
+            # The first continuation token needs something to be predicted from
+            # (a held state keeps no logits, only keys and values).
+            if request.state:
+                raise RuntimeFailure("a request read after a K/V state needs a prompt")
             encoded = Encoded((), self._start_ids(), encoded.continuation)
         return encoded
 
@@ -181,12 +194,19 @@ class TorchBackend(BackendBase):
         start = self.tokenizer.bos_token_id
         return (self.tokenizer.eos_token_id if start is None else start,)
 
-    def _check_context(self, length: int) -> None:
+    def check_context(
+        self,
+        length: int,
+        what: str = "a request",
+        *,
+        node: str | None = None,
+        hint: str = "shorten the template or the inputs, or use a model with a longer context",
+    ) -> None:
         if length > self.context_length:
             raise RuntimeFailure(
-                f"a request is {length} tokens long, more than the model's context of "
-                f"{self.context_length} tokens",
-                hint="shorten the template or the inputs, or use a model with a longer context",
+                f"{what} is {length} tokens long, more than the model's context of {self.context_length} tokens",
+                node=node,
+                hint=hint,
             )
 
     # ------------------------------------------------------------------ forward
@@ -223,20 +243,21 @@ class TorchBackend(BackendBase):
     def score(self, requests: list[ScoreRequest]) -> list[Score]:
         started = time.perf_counter()
         encoded = [self.encode(r) for r in requests]
-        for e in encoded:
-            self._check_context(len(e.ids))
+        states = {r.state: self._held_state(r.state) for r in requests if r.state}
+        for r, e in zip(requests, encoded):
+            self.check_context((states[r.state].length if r.state else 0) + len(e.ids))
         results: list[Score | None] = [None] * len(requests)
-        by_prefix: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
-        for i, e in enumerate(encoded):
-            by_prefix.setdefault(e.prefix, {}).setdefault(e.prompt, []).append(i)
+        by_prefix: dict[tuple[str, tuple[int, ...]], dict[tuple[int, ...], list[int]]] = {}
+        for i, (r, e) in enumerate(zip(requests, encoded)):
+            by_prefix.setdefault((r.state, e.prefix), {}).setdefault(e.prompt, []).append(i)
         with torch.inference_mode():
-            for prefix, examples in by_prefix.items():
-                prefix_cache = self._prefix_cache(prefix)
+            for (state, prefix), examples in by_prefix.items():
+                prefix_cache, n_prefix = self._prefix_cache(states.get(state), prefix)
                 # Similar lengths batch together, so little of a batch is padding.
                 ordered = sorted(examples.items(), key=lambda item: len(item[0]))
                 longest = max(len(p) + len(encoded[i].continuation) for p, idxs in ordered for i in idxs)
-                for chunk in chunks(ordered, self.rows_per_batch(len(prefix) + longest)):
-                    self._score_examples(prefix, prefix_cache, chunk, encoded, results)
+                for chunk in chunks(ordered, self.rows_per_batch(n_prefix + longest)):
+                    self._score_examples(n_prefix, prefix_cache, chunk, encoded, results)
         self.usage.calls += 1
         self.usage.requests += len(requests)
         self.usage.prompt_tokens += sum(len(e.prefix) + len(e.prompt) for e in encoded)
@@ -244,16 +265,19 @@ class TorchBackend(BackendBase):
         self.usage.seconds += time.perf_counter() - started
         return [r for r in results if r is not None]
 
-    def _prefix_cache(self, prefix: tuple[int, ...]) -> DynamicCache | None:
-        if not prefix:
-            return None
-        ids = torch.tensor([prefix], dtype=torch.long)
-        _, cache = self._hidden(ids, torch.ones_like(ids), torch.arange(len(prefix))[None], None)
-        return cache
+    def _prefix_cache(self, state: KVState | None, prefix: tuple[int, ...]) -> tuple[DynamicCache | None, int]:
+        """The cache of `state` then `prefix` (either may be empty), and its length."""
+        cache = state.cache(dtype=self.dtype, device=self.device) if state is not None else None
+        offset = state.length if state is not None else 0
+        if prefix:
+            ids = torch.tensor([prefix], dtype=torch.long)
+            mask = torch.ones(1, offset + len(prefix), dtype=torch.long)
+            _, cache = self._hidden(ids, mask, offset + torch.arange(len(prefix))[None], cache)
+        return cache, offset + len(prefix)
 
     def _score_examples(
         self,
-        prefix: tuple[int, ...],
+        n_prefix: int,
         prefix_cache: DynamicCache | None,
         examples: Sequence[tuple[tuple[int, ...], list[int]]],
         encoded: list[Encoded],
@@ -261,7 +285,6 @@ class TorchBackend(BackendBase):
     ) -> None:
         """One pass over the prompts (right-padded, on the shared prefix), then one
         pass over every continuation on a copy of its own example's cache."""
-        n_prefix = len(prefix)
         prompts = [p for p, _ in examples]
         ids, mask = self._pad(prompts)
         batch = len(prompts)
@@ -301,13 +324,50 @@ class TorchBackend(BackendBase):
                 values.extend(next(rest_values) for _ in cont[1:])
                 results[i] = Score(tuple(values), prompt_tokens=n_prefix + len(prompts[b]))
 
+    # ------------------------------------------------------------------ K/V states
+
+    def kv_forward(
+        self, ids: Sequence[int], past: KVState | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values (fp32, per layer) of `ids` read after `past` (None: from
+        the start): all-ones mask, positions continuing after the past's length."""
+        offset = past.length if past is not None else 0
+        tensor = torch.tensor([list(ids)], dtype=torch.long)
+        cache = past.cache(dtype=self.dtype, device=self.device) if past is not None else None
+        # no_grad, not inference_mode: the caller updates these tensors in place later.
+        with torch.no_grad():
+            mask = torch.ones(1, offset + len(ids), dtype=torch.long)
+            _, cache = self._hidden(tensor, mask, offset + torch.arange(len(ids))[None], cache)
+        return (
+            [layer.keys[:, :, offset:].float() for layer in cache.layers],
+            [layer.values[:, :, offset:].float() for layer in cache.layers],
+        )
+
+    def hold(self, owner: str, state: KVState) -> str:
+        """Keep a snapshot of `state` for score requests that name it, and return
+        the name (its content digest). An owner holds one state: this replaces
+        its previous one, so memory stays bounded by the number of owners."""
+        digest = state.digest()
+        if owner not in self._held or self._held[owner][0] != digest:
+            self._held[owner] = (digest, state.clone())
+        return digest
+
+    def _held_state(self, digest: str) -> KVState:
+        for held, state in self._held.values():
+            if held == digest:
+                return state
+        raise RuntimeFailure(
+            f"no K/V state {digest[:12]} is held by this backend",
+            hint="a Deep-Thinking layer holds its state before it scores: build the requests with the layer",
+        )
+
     # ------------------------------------------------------------------ generate
 
     def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         started = time.perf_counter()
         prompts = [self.token_ids(self.prompt_text(r.prompt)) or self._start_ids() for r in requests]
         for r, p in zip(requests, prompts):
-            self._check_context(len(p) + r.max_tokens)
+            self.check_context(len(p) + r.max_tokens)
         samples = [(i, k) for i, r in enumerate(requests) for k in range(r.n)]
         texts: dict[tuple[int, int], tuple[str, int]] = {}
         longest = max(len(p) + r.max_tokens for p, r in zip(prompts, requests))

@@ -12,15 +12,20 @@ The layer owns both halves, as the authors' code does them:
   g + beta * m; state += eta * m. beta = 0 is the paper's gate form
   K_t = eta * K_new + (1 - eta) * K_{t-1}.
 - `forward`: each query is answered from the state alone, as a prefix cache
-  (a fresh cache per call, expanded to the batch, mask [ones(L) | query mask],
-  query positions from L): the answer is the choice whose tokens have the
-  largest summed log-prob; `choice_logprobs` are normalized over the choices.
+  (mask [ones(L) | query mask], query positions from L): the answer is the
+  choice whose tokens have the largest summed log-prob; `choice_logprobs` are
+  normalized over the choices. The scoring is the torch backend's one
+  prefix-cached `score`: the layer `hold`s its state on the backend's K/V
+  engine and sends ordinary score requests naming it by content digest, so
+  they batch, deduplicate and cache like any other (the response cache keys
+  on the digest).
 - `select_steps`: T is chosen on dev data (never test) in ONE thinking run,
   evaluating the state after each pass 1..max_steps; the best accuracy wins
   (ties: higher mean log-prob of the target, then smaller T).
 - `calibration` (contextual / batch): the decisions read the choice scores
   with the label prior divided out (`dlngraph.runtime.calibration`, as choice
-  layers do), the prior estimated from the same state, so each T has its own.
+  layers do), the prior estimated from the same state on extra rows of the
+  same score call (content-free inputs, or train inputs), so each T has its own.
 - `changes`: ||eta * m|| / ||state|| and ||new - state|| / ||state|| for K and
   V per pass: how far thinking moved the state, whatever accuracy did.
 
@@ -50,7 +55,7 @@ API for the trainer (`dlngraph fit`) and for `eval` / `run`:
     state = layer.prepare()                      # demos and dev rows from the plan's data
     state = layer.prepare(demos, dev_rows, dev_targets, run_dir)   # or given explicitly
     record = layer.forward(rows)                 # a ForwardRecord, like choice layers
-    lps = layer.target_logprobs(rows, targets)   # child rescoring for an upstream layer's backward
+    deferred = layer.target_scores(items)        # child rescoring: "score" requests on the node's backend
 
 `prepare` renders the demonstrations, loads `run_dir/deep_thinking/<node>.safetensors`
 when it was made from the same demonstrations, model and eta/beta (and refuses
@@ -61,8 +66,8 @@ passes dev rows holding their outputs (the executor's `rows_for`). `forward`
 prepares on first use, so `Executor(plan, backends, layers={name: layer})` with
 a layer from `from_plan` works for `eval` / `run`; a layer built with only
 (node, spec, backend) can think on the fly only from an explicit
-`demonstrations.examples` list. The backend must expose `.model`, `.tokenizer`,
-`.token_ids`, `.identity` and `.rows_per_batch(tokens)` (the torch backend does);
+`demonstrations.examples` list. The backend must have a K/V-prefix engine
+(`KVPrefixScoring`: the torch backend, itself or behind the response cache);
 templates are read as plain text (no chat wrapping).
 """
 
@@ -76,17 +81,18 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from dlngraph.compiler.plan import ExecutionPlan, PlanNode
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime import calibration
+from dlngraph.runtime.backends.base import Backend, KVPrefixScoring, Score, ScoreRequest
+from dlngraph.runtime.backward import Deferred, TargetScore, run_now
+from dlngraph.runtime.cache import CachedBackend
 from dlngraph.runtime.data import read_jsonl
-from dlngraph.runtime.kv_state import KVState, StateMeta, forward_with_cache, load_state
-from dlngraph.runtime.layers.base import ForwardRecord, Row
+from dlngraph.runtime.kv_state import KVState, StateMeta, load_state
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
 from dlngraph.runtime.template import render, score_request
 from dlngraph.spec import DeepThinkingNode
 
@@ -134,6 +140,16 @@ def best_step(curve: Sequence[StepScore]) -> StepScore:
     return max(curve, key=lambda p: (p.accuracy, p.mean_target_logprob, -p.steps))
 
 
+def kv_engine(backend: Backend, node: str) -> KVPrefixScoring:
+    """The K/V-prefix engine behind `backend`: itself, or the one a response cache wraps."""
+    engine = backend.kv_engine() if isinstance(backend, CachedBackend) else backend
+    if not isinstance(engine, KVPrefixScoring):
+        raise RuntimeFailure(
+            f"the {backend.kind} backend has no K/V access", node=node, hint="deep_thinking nodes run on a torch backend"
+        )
+    return engine
+
+
 def relative_norm(delta: Sequence[torch.Tensor], base: Sequence[torch.Tensor]) -> float:
     num = math.fsum(float(d.double().pow(2).sum()) for d in delta)
     den = math.fsum(float(b.double().pow(2).sum()) for b in base)
@@ -145,7 +161,7 @@ class DeepThinkingLayer:
         self,
         node: PlanNode,
         spec: DeepThinkingNode,
-        backend: Any,
+        backend: Backend,
         *,
         data_paths: Mapping[str, Path] | None = None,
         run_dir: Path | None = None,
@@ -156,6 +172,7 @@ class DeepThinkingLayer:
         self.name = node.name
         self.spec = spec
         self.backend = backend
+        self.engine = kv_engine(backend, node.name)
         self.data_paths = dict(data_paths or {})
         self.run_dir = run_dir
         self.dev_size = dev_size
@@ -163,12 +180,10 @@ class DeepThinkingLayer:
         self.state: KVState | None = None
         self.curve: list[StepScore] = []  # dev accuracy per T, when T was selected
         self.changes: list[StepChange] = []  # per pass >= 2 of the last thinking run
-        # (state, its T, prior): the state object is held, so a later one cannot pose as it.
-        self._bias: tuple[KVState | None, int, dict[str, float]] | None = None
 
     @classmethod
     def from_plan(
-        cls, plan: ExecutionPlan, name: str, backend: Any, run_dir: Path | None = None
+        cls, plan: ExecutionPlan, name: str, backend: Backend, run_dir: Path | None = None
     ) -> "DeepThinkingLayer":
         return cls(
             plan.nodes[name],
@@ -242,8 +257,8 @@ class DeepThinkingLayer:
     def meta(self, text: str, length: int, steps: int) -> StateMeta:
         return StateMeta(
             node=self.name,
-            model=str(self.backend.identity),
-            tokenizer=Path(str(self.backend.tokenizer.name_or_path)).name,
+            model=self.engine.identity,
+            tokenizer=self.engine.tokenizer_name(),
             eta=self.spec.eta,
             beta=self.spec.beta,
             steps=steps,
@@ -258,31 +273,22 @@ class DeepThinkingLayer:
 
         Each pass >= 2 appends a `StepChange` to `self.changes` (logged too), so a
         run says how far the state moved, not only whether accuracy did."""
-        model = self.backend.model
-        ids = torch.tensor([self.backend.token_ids(text)], dtype=torch.long, device=model.device)
-        length = ids.shape[1]
+        ids = self.engine.token_ids(text)
+        length = len(ids)
         if length == 0:
             raise RuntimeFailure("the rendered demonstrations are empty", node=self.name)
-        _check_context(model, 2 * length, self.name)
-        self.changes = []
-        with torch.no_grad():
-            cache = _base_forward(model, ids, torch.ones_like(ids), torch.arange(length)[None], DynamicCache())
-        state = KVState(
-            [layer.keys.float() for layer in cache.layers],
-            [layer.values.float() for layer in cache.layers],
-            self.meta(text, length, steps=1),
+        self.engine.check_context(
+            2 * length, "thinking (the demonstrations twice)", node=self.name, hint="use fewer or shorter demonstrations"
         )
+        self.changes = []
+        state = KVState(*self.engine.kv_forward(ids, None), self.meta(text, length, steps=1))
         yield state
-        mask = torch.ones(1, 2 * length, dtype=torch.long, device=model.device)
-        positions = length + torch.arange(length)[None]
         layers = len(state.keys)
         momentum: list[torch.Tensor] | None = None
         while True:
             with torch.no_grad():
-                past = state.cache(dtype=model.dtype, device=model.device)
-                cache = _base_forward(model, ids, mask, positions, past)
-                new = [layer.keys[:, :, length:].float() for layer in cache.layers]
-                new += [layer.values[:, :, length:].float() for layer in cache.layers]
+                new_keys, new_values = self.engine.kv_forward(ids, state)
+                new = new_keys + new_values
                 current = state.keys + state.values
                 grads = [n - s for n, s in zip(new, current)]
                 if momentum is None:
@@ -325,7 +331,7 @@ class DeepThinkingLayer:
         best: tuple[StepScore, KVState] | None = None
         self.curve = []
         for state in self.think_steps(text):
-            point = step_score(state.meta.steps, self.answer_logprobs(state, dev_rows), dev_targets)
+            point = step_score(state.meta.steps, self.choice_logprobs(state, dev_rows), dev_targets)
             self.curve.append(point)
             log.info("%s: T=%d dev accuracy %.3f", self.name, point.steps, point.accuracy)
             if best is None or best_step([best[0], point]) is point:
@@ -348,7 +354,7 @@ class DeepThinkingLayer:
         fixed = self.spec.steps or (None if self.spec.select_steps_on == "dev" else self.spec.max_steps)
         path = state_path(run_dir, self.name) if run_dir is not None else None
         if path is not None and path.is_file():
-            length = len(self.backend.token_ids(text))
+            length = len(self.engine.token_ids(text))
             self.state = load_state(path, self.meta(text, length, fixed or 0), compare_steps=fixed is not None)
             log.info("%s: loaded Deep-Thinking state %s (T=%d)", self.name, path, self.state.meta.steps)
             return self.state
@@ -377,58 +383,64 @@ class DeepThinkingLayer:
         ]
         return texts, continuations
 
-    def choice_logprobs(self, state: KVState | None, rows: Sequence[Row]) -> list[dict[str, float]]:
-        """Class-normalized log-prob of every choice per row, answering from `state` (None: zero-shot)."""
-        texts, continuations = self.queries(rows)
-        tok = self.backend.token_ids
-        queries = [list(tok(t)) for t in texts]
-        choices = [[list(tok(c)) for c in row] for row in continuations]
-        longest = max((len(q) + len(c) for q, cs in zip(queries, choices) for c in cs), default=0)
-        prefix = state.length if state is not None else 0
-        totals = score_choices(
-            self.backend.model, state, queries, choices, batch_size=self.backend.rows_per_batch(prefix + longest)
-        )
-        out = []
-        for row_totals in totals:
-            norm = torch.logsumexp(torch.tensor(row_totals, dtype=torch.float64), 0).item()
-            out.append({c: t - norm for c, t in zip(self.spec.choices, row_totals)})
-        return out
+    def distributions(
+        self, state: KVState | None, rows: Sequence[Row], *, calibrated: bool = True
+    ) -> Deferred[list[dict[str, float]]]:
+        """Every choice of every row as score requests answered from `state` (None:
+        zero-shot), read back as class-normalized log-probs, with the node's
+        calibration applied unless `calibrated` is False. The label prior comes
+        from extra rows scored in the same call under the same state (thinking
+        changes the prior, so each state gets its own)."""
+        method = self.spec.calibration if calibrated else "none"
+        extra = [] if method == "none" else self.prior_rows(method)
+        digest = self.engine.hold(self.name, state) if state is not None else ""
+        texts, continuations = self.queries([*rows, *extra])
+        requests = [
+            ScoreRequest(prompt=text, continuation=c, state=digest) for text, cs in zip(texts, continuations) for c in cs
+        ]
+        choices = self.spec.choices
 
-    def answer_logprobs(self, state: KVState | None, rows: Sequence[Row]) -> list[dict[str, float]]:
-        """`choice_logprobs`, with the node's calibration applied: what every decision reads."""
-        scored = self.choice_logprobs(state, rows)
-        if self.spec.calibration == "none":
-            return scored
-        return calibration.apply_all(scored, self.label_prior(state))
+        def decode(scores: list[Score]) -> list[dict[str, float]]:
+            normalized = []
+            for start in range(0, len(scores), len(choices)):
+                totals = [s.total for s in scores[start : start + len(choices)]]
+                norm = calibration.logsumexp(totals)
+                normalized.append({c: t - norm for c, t in zip(choices, totals)})
+            own = normalized[: len(rows)]
+            if method == "none":
+                return own
+            return calibration.apply_all(own, calibration.estimate(normalized[len(rows) :]))
 
-    def label_prior(self, state: KVState | None) -> dict[str, float]:
-        """The label prior the node's calibration divides out, estimated from `state`
-        itself (thinking changes the prior, so each state gets its own). Kept for
-        the state last asked about: a forward over many batches estimates it once."""
-        steps = state.meta.steps if state is not None else 0
-        if self._bias is not None and self._bias[0] is state and self._bias[1] == steps:
-            return self._bias[2]
-        if self.spec.calibration == "contextual":
-            rows = calibration.content_free_rows(self.node.inputs)
-        else:
-            rows = self.calibration_rows()
-        prior = calibration.estimate(self.choice_logprobs(state, rows))
-        self._bias = (state, steps, prior)
-        return prior
+        return Deferred(self.node.backend, "score", requests, decode)
 
-    def calibration_rows(self) -> list[Row]:
-        """Unlabeled train inputs for batch calibration (never dev or test)."""
+    def choice_logprobs(
+        self, state: KVState | None, rows: Sequence[Row], *, calibrated: bool = True
+    ) -> list[dict[str, float]]:
+        """`distributions`, scored now: what every decision reads."""
+        return run_now(self.distributions(state, rows, calibrated=calibrated), self.backend)
+
+    def prior_rows(self, method: str) -> list[Row]:
+        """The inputs the label prior is estimated on: content-free ones, or
+        unlabeled train inputs for batch calibration (never dev or test)."""
+        if method == "contextual":
+            return calibration.content_free_rows(self.node.inputs)
         examples = self.split_rows(
             "train", self.node.inputs, self.calibration_size, "batch calibration", "use `calibration: contextual`"
         )
         return [{f: e[f] for f in self.node.inputs} for e in examples]
 
-    def target_logprobs(self, rows: Sequence[Row], targets: Sequence[str]) -> list[float]:
-        """Class-normalized log-prob of each row's target under the prepared state
-        (the trainer's child rescoring when an upstream layer feeds this node)."""
-        self._check_targets(targets)
-        state = self.state or self.prepare()
-        return [lp[t] for lp, t in zip(self.answer_logprobs(state, rows), targets)]
+    def target_scores(self, items: Sequence[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
+        """How likely each (params, row, target) is under the prepared state: the
+        target's class-normalized (calibrated) log-prob with the whole distribution,
+        as score requests on the node's backend that the trainer batches with any
+        other. The params are not read: the state, not a prompt, answers."""
+        self._check_targets([target for _, _, target in items])
+        inner = self.distributions(self.state or self.prepare(), [row for _, row, _ in items])
+
+        def decode(scores: list[Score]) -> list[TargetScore]:
+            return [TargetScore(lp[target], lp) for (_, _, target), lp in zip(items, inner.decode(scores))]
+
+        return Deferred(inner.backend, inner.op, inner.requests, decode)
 
     def _check_targets(self, targets: Sequence[str]) -> None:
         unknown = sorted(set(targets) - set(self.spec.choices))
@@ -439,10 +451,11 @@ class DeepThinkingLayer:
                 hint="the dataset's labels must be spelled exactly like the node's choices",
             )
 
-    def forward(self, rows: list[Row]) -> ForwardRecord:
+    def forward(self, rows: list[Row], params: Params | None = None, *, seed: int = 0) -> ForwardRecord:
+        # (the layer protocol's signature: a Deep-Thinking node has no prompt, its K/V state answers)
         started = time.perf_counter()
         state = self.state or self.prepare()
-        scored = self.answer_logprobs(state, rows)
+        scored = self.choice_logprobs(state, rows)
         # max() keeps the first of tied choices, so ties break by the spec's order.
         outputs = [max(self.spec.choices, key=lp.__getitem__) for lp in scored]
         return ForwardRecord(
@@ -454,85 +467,3 @@ class DeepThinkingLayer:
             seconds=time.perf_counter() - started,
             extra={"steps": state.meta.steps, "demo_tokens": state.length},
         )
-
-
-# ---------------------------------------------------------------------- model calls
-
-
-def _base_forward(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
-) -> DynamicCache:
-    return forward_with_cache(model.base_model, ids, mask, positions, cache)[1]
-
-
-def _check_context(model: Any, length: int, node: str) -> None:
-    limit = int(getattr(model.config, "max_position_embeddings", 2048))
-    if length > limit:
-        raise RuntimeFailure(
-            f"thinking needs {length} positions, more than the model's context of {limit}",
-            node=node,
-            hint="use fewer or shorter demonstrations",
-        )
-
-
-def prefix_hidden(
-    model: Any, state: KVState | None, rows: Sequence[Sequence[int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states of right-padded `rows` read after the state (no prefix if None).
-
-    Returns (hidden [n, width, d], mask [n, width]). The cache is built fresh,
-    expanded to the batch; positions continue after the state's L tokens.
-    """
-    prefix = state.length if state is not None else 0
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    cache = DynamicCache() if state is None else state.cache(len(rows), dtype=model.dtype, device=model.device)
-    full_mask = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long), mask], dim=1)
-    positions = prefix + torch.arange(width).expand(len(rows), -1)
-    out, _ = forward_with_cache(model.base_model, ids, full_mask, positions, cache)
-    return out.last_hidden_state, mask
-
-
-def score_choices(
-    model: Any,
-    state: KVState | None,
-    queries: Sequence[Sequence[int]],
-    choices: Sequence[Sequence[Sequence[int]]],
-    *,
-    batch_size: int = 16,
-) -> list[list[float]]:
-    """Summed log-prob of each query's choices (`choices[q][c]`: token ids), read after `state`.
-
-    One row per (query, distinct choice prefix): choices of one token all share
-    the query's own row, so a two-way label costs one row per query.
-    """
-    rows: list[list[int]] = []
-    row_of: dict[tuple[int, tuple[int, ...]], int] = {}
-    # (row, position, token) of every choice token, per query and choice
-    wanted: list[list[list[tuple[int, int, int]]]] = []
-    for q, query in enumerate(queries):
-        if not query:
-            raise ValueError(f"query {q} has no tokens")
-        wanted.append([])
-        for choice in choices[q]:
-            key = (q, tuple(choice[:-1]))
-            if key not in row_of:
-                row_of[key] = len(rows)
-                rows.append([*query, *choice[:-1]])
-            wanted[q].append([(row_of[key], len(query) - 1 + j, tok) for j, tok in enumerate(choice)])
-    logprob: dict[tuple[int, int, int], float] = {}
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            hidden, _ = prefix_hidden(model, state, rows[start : start + batch_size])
-            in_chunk = range(start, start + batch_size)
-            points = sorted({p for per_q in wanted for ps in per_q for p in ps if p[0] in in_chunk})
-            picked = hidden[[r - start for r, _, _ in points], [pos for _, pos, _ in points]]
-            lp = torch.log_softmax(head(picked).float(), dim=-1)
-            tokens = torch.tensor([tok for _, _, tok in points], device=lp.device)
-            logprob.update(zip(points, lp[torch.arange(len(points), device=lp.device), tokens].tolist()))
-    return [[math.fsum(logprob[p] for p in ps) for ps in per_q] for per_q in wanted]
