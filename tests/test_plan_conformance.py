@@ -197,7 +197,7 @@ def test_a_whole_fit_makes_the_calls_the_plan_estimates(spec: Path, tmp_path: Pa
     below, log, _ = recording(plan)
     backends = {n: Counted(CachedBackend(b, MemoryCache()), log) for n, b in below.items()}
     run = RunDir.create(tmp_path / "run", plan)
-    Fit(plan, backends, run, iterations=2).run_fit()
+    Fit(plan, backends, run, iterations=2).run()
     reached = [r for b in backends.values() for r in b.reached]
     final = [c for s in plan.evaluation for c in s.calls if c.purpose == "forward"]
     assert len(reached) == plan.estimate(2).calls + len(final)
