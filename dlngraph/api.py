@@ -235,11 +235,12 @@ def _executor(
     **cache: Any,
 ) -> Executor:
     """An executor with the checkpoint's parameters, `prompts` overriding its prompts, on
-    `backends` or on the plan's own (closed by `stack`). A checkpoint's directory also
-    holds the run's Deep-Thinking states."""
+    `backends` or on the plan's own (closed by `stack`), finding Deep-Thinking states in the
+    checkpoint's run directory."""
     from dlngraph.runtime.backends.registry import open_backends
     from dlngraph.runtime.checkpoint import load_learned
     from dlngraph.runtime.executor import Executor
+    from dlngraph.runtime.rundir import RunDir
 
     learned = load_learned(checkpoint) if checkpoint is not None else {}
     learned["prompts"] = {**learned.get("prompts", {}), **(prompts or {})}
@@ -247,5 +248,5 @@ def _executor(
         backends = open_backends(plan, **cache)
         for backend in backends.values():
             stack.callback(backend.close)
-    run_dir = Path(checkpoint).parent if checkpoint is not None else None
+    run_dir = RunDir.of_checkpoint(checkpoint).path if checkpoint is not None else None
     return Executor(plan, backends, run_dir=run_dir, **learned)

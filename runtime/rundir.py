@@ -100,6 +100,19 @@ class RunDir:
     def checkpoint_files(self) -> list[Path]:
         return sorted(self.checkpoints.glob("iter-*.yaml"))
 
+    def own_files(self) -> dict[str, Path]:
+        """The files an output written elsewhere (`report -o`) must never replace."""
+        return {"the run's spec": self.spec, "the run's plan": self.plan, "the run's metrics": self.metrics,
+                "the run's best prompts": self.best}
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> "RunDir":
+        """The run directory a checkpoint belongs to (best.yaml's, or checkpoints/iter-NNNN.yaml's):
+        it also holds the run's Deep-Thinking states."""
+        folder = Path(checkpoint).parent
+        above = cls(folder.parent)
+        return above if above.checkpoints == folder else cls(folder)
+
     # ------------------------------------------------------------ opening for writing
 
     @classmethod

@@ -106,3 +106,28 @@ def test_writers_in_one_process_share_the_lock_until_the_last_closes(run_dir: Pa
     assert other.returncode == 1 and f"pid {os.getpid()}" in other.stderr  # still held by `second`
     second.close()
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_a_checkpoint_names_its_run_directory(run_dir: Path) -> None:
+    run = RunDir(run_dir)
+    assert RunDir.of_checkpoint(run.checkpoint_path(3)).path == run.path
+    assert RunDir.of_checkpoint(run.best).path == run.path
+    assert RunDir.of_checkpoint(run_dir.parent / "elsewhere.yaml").path == run_dir.parent
+
+
+def test_resuming_with_a_changed_spec_is_refused_and_frees_the_lock(run_dir: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    from dlngraph.runtime.fit import Fit
+
+    import yaml
+
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["data"] = {split: str(SPEC.parent / path) for split, path in spec["data"].items()}
+    spec["train"]["seed"] = 99  # any edit changes the spec's hash
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    with pytest.raises(RuntimeFailure, match="has changed since run"):
+        Fit.resume(run_dir, compile_spec(changed))
+    with (run_dir / ".lock").open("a") as handle:  # flock conflicts across open files, even in one process
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

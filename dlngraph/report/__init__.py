@@ -25,7 +25,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, force: b
     if out is None:
         target = files.report
     else:
-        protected = {"the run's spec": files.spec, "the run's plan": files.plan, "the run's metrics": files.metrics,
-                     "the run's best prompts": files.best}
-        target = check_output(out, protected=protected, force=force)
+        target = check_output(out, protected=files.own_files(), force=force)
     return write_atomic(target, render_page(run))  # atomic: a browser never sees half a page
