@@ -128,7 +128,7 @@ class _Sizes:
         """Tokens of one rendered request of the node (query template for deep_thinking)."""
         known = self._prompts.get(d.name)
         if known is None:
-            own = tokens(len(d.spec.template)) + (tokens(len(d.spec.prompt)) if d.kind is NodeKind.LAYER else 0)
+            own = tokens(len(d.spec.template)) + (tokens(len(d.spec.prompt)) if isinstance(d.spec, LayerNode) else 0)
             reads = sum(self.field(f) for f in d.inputs) + sum(self.output(self.data[p]) for p in d.parents)
             known = self._prompts[d.name] = own + reads + self.demos(d)
         return known
@@ -273,12 +273,11 @@ def _check_demonstrations(spec: Spec, data: dict[str, NodeData], unit: Unit) -> 
 
 
 def _think(data: dict[str, NodeData], sizes: _Sizes, dev_rows: int) -> tuple[Stage, ...]:
-    thinkers = [d for d in data.values() if d.kind is NodeKind.DEEP_THINKING]
+    thinkers = [(d, d.spec) for d in data.values() if isinstance(d.spec, DeepThinkingNode)]
     if not thinkers:
         return ()
     calls = []
-    for d in thinkers:
-        spec: DeepThinkingNode = d.spec  # type: ignore[assignment]
+    for d, spec in thinkers:
         steps = spec.steps or spec.max_steps
         count = len(spec.demonstrations.examples) if spec.demonstrations.examples else spec.demonstrations.count
         read = templates.variables(spec.demo_template)
@@ -289,7 +288,7 @@ def _think(data: dict[str, NodeData], sizes: _Sizes, dev_rows: int) -> tuple[Sta
         if spec.steps is None and dev_rows:
             select = sizes.forward(d, dev_rows * steps, "step_selection")
             calls.append(select)
-    return (Stage(0, tuple(d.name for d in thinkers), tuple(calls)),)
+    return (Stage(0, tuple(d.name for d, _ in thinkers), tuple(calls)),)
 
 
 def _dev_rows(spec: Spec, profiles: dict[str, FieldProfile]) -> int:

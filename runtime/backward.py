@@ -256,8 +256,8 @@ def _divergence(
     current_outputs: Sequence[Sequence[TargetScore]] | None,
     index: int,
 ) -> float:
-    if current[0].distribution is not None:
-        return _mean([_kl(p.distribution, q.distribution) for p, q in zip(current, candidate)])  # type: ignore[arg-type]
+    if current[0].distribution is not None:  # a choice node: every score has its distribution
+        return _mean([_kl(p.distribution or {}, q.distribution or {}) for p, q in zip(current, candidate)])
     if current_outputs is None:
         return 0.0
     return _mean([a.logprob - b.logprob for a, b in zip(current_outputs[0], current_outputs[index])])
