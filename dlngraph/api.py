@@ -135,17 +135,16 @@ def evaluate(
 
     `out` is checked before the first model call: never the spec, its data or
     the checkpoint, never a non-regular file, an existing file only with `force`."""
-    from dlngraph.runtime.data import read_jsonl
+    from dlngraph.runtime.data import read_split
     from dlngraph.runtime.evaluation import evaluate as score
     from dlngraph.runtime.files import check_output, write_jsonl
 
     plan = _plan(spec)
-    path = plan.data_paths.get(split)
-    if path is None:
+    if split not in plan.data_paths:
         raise RuntimeFailure(f"the spec names no `data.{split}` file", hint="add it under `data:` in the spec")
     if out is not None:
         out = check_output(out, protected=input_files(plan, checkpoint), force=force)
-    examples = read_jsonl(Path(path), [*plan.spec.inputs, *sorted(set(plan.spec.outputs.values()))], limit=limit)
+    examples = read_split(plan, split, limit=limit)
     with ExitStack() as stack:
         executor = _executor(plan, stack, checkpoint, prompts, backends, cache_dir=cache_dir, no_cache=no_cache)
         result = score(executor, examples, split=split, batch_size=batch_size, on_batch=on_batch)

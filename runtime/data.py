@@ -11,11 +11,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dlngraph.compiler.data_checks import file_problem
 from dlngraph.errors import RuntimeFailure
 
+if TYPE_CHECKING:
+    from dlngraph.compiler.plan import ExecutionPlan
+
 Example = dict[str, str]
+
+
+def read_split(plan: ExecutionPlan, split: str, *, limit: int | None = None) -> list[Example]:
+    """The first `limit` examples of the spec's `data.<split>` (none when it names no such
+    file), each holding the input fields and the outputs' target fields."""
+    path = plan.data_paths.get(split)
+    if path is None:
+        return []
+    return read_jsonl(Path(path), [*plan.spec.inputs, *sorted(set(plan.spec.outputs.values()))], limit=limit)
 
 
 def read_jsonl(path: Path, fields: Sequence[str], *, limit: int | None = None) -> list[Example]:

@@ -31,7 +31,7 @@ from dlngraph.runtime import demos
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime.backends.registry import open_backends
 from dlngraph.runtime.backward import rng_for
-from dlngraph.runtime.data import Example, read_jsonl
+from dlngraph.runtime.data import Example, read_split
 from dlngraph.runtime.evaluation import Evaluation, evaluate
 from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers.base import Params
@@ -137,13 +137,6 @@ class Fit:
             fit.opened = opened.pop_all()
         return fit
 
-    def examples(self, split: str, limit: int | None = None) -> list[Example]:
-        path = self.plan.data_paths.get(split)
-        if path is None:
-            return []
-        fields = [*self.plan.spec.inputs, *sorted(set(self.plan.spec.outputs.values()))]
-        return read_jsonl(path, fields, limit=limit)
-
     def run(self) -> FitResult:
         """Train, reporting to the tracker; closes what `start` / `resume` opened."""
         with self.opened:
@@ -161,7 +154,8 @@ class Fit:
         return result
 
     def train(self) -> FitResult:
-        train_set, dev_set = self.examples("train"), self.examples("dev", self.plan.spec.train.dev_size)
+        train_set = read_split(self.plan, "train")
+        dev_set = read_split(self.plan, "dev", limit=self.plan.spec.train.dev_size)
         # Label priors come from unlabeled train inputs, the same ones all fit long.
         draw = rng_for(self.seed, 0, "calibration").sample(train_set, min(self.plan.spec.train.calibration_size, len(train_set)))
         self.calibration_set = [{f: ex[f] for f in self.plan.spec.inputs} for ex in draw]
