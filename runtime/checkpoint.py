@@ -39,11 +39,12 @@ def load_learned(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     data = load_yaml(path)
     prompts = data.get("prompts") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise RuntimeFailure(
             f"checkpoint {path} has no `prompts:` mapping of node names to prompt strings",
             hint="checkpoints are written by `dlngraph fit`",
         )
+    assert isinstance(data, dict)  # it holds `prompts`
     return {
         "prompts": {str(k): v for k, v in prompts.items()},
         "demos": dict(data.get("demos") or {}),

@@ -39,7 +39,7 @@ from dlngraph.runtime.optimizer import Optimizer
 from dlngraph.runtime.plot import plot_curve
 from dlngraph.runtime.rundir import RunDir, default_path
 from dlngraph.runtime.tracking import Tracker, make_tracker, spec_params
-from dlngraph.runtime.trainer import Events, Trainer
+from dlngraph.runtime.trainer import Events, StepResult, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,9 @@ class Fit:
         )
         dev = self.evaluate(params, dev_set)
         self.run_dir.write_predictions("initial", dev.predictions)
-        dev_acc = dev.score
-        best = _learned(params, iteration=0, dev_acc=dev_acc, dev_loglik=dev.loglik)
+        best = _learned(params, iteration=0, dev_acc=dev.score, dev_loglik=dev.loglik)
         state = self.state(0, params, best, 0, False, [best] if dev_set and self.plan.spec.train.memory else [])
-        self.record(0, None, dev_acc, {}, {}, [], before, started)
+        self.record(0, None, dev.score, before, started)
         self.commit(state)
         return state
 
@@ -247,7 +246,7 @@ class Fit:
         elif not dev_set:  # nothing to select on: the latest parameters are the result
             best = _learned(params, iteration=iteration, dev_acc=None, dev_loglik=None)
         stopped = patience_used >= train.patience
-        self.record(iteration, step.train_acc, dev_acc, step.loss, step.accepted, step.posteriors, before, started, step.dropped)
+        self.record(iteration, step, dev_acc, before, started)
         new_state = self.state(iteration, params, best, patience_used, stopped, remembered)
         self.commit(new_state)
         if stopped:
@@ -329,25 +328,17 @@ class Fit:
         self.run_dir.save_checkpoint(state)
 
     def record(
-        self,
-        iteration: int,
-        train_acc: float | None,
-        dev_acc: float | None,
-        loss: dict[str, float],
-        accepted: dict[str, bool],
-        posteriors: list[dict[str, Any]],
-        before: Usage,
-        started: float,
-        dropped: dict[str, dict[str, int]] | None = None,
+        self, iteration: int, step: StepResult | None, dev_acc: float | None, before: Usage, started: float
     ) -> None:
+        """One metrics.jsonl line (and the step's posterior samples); no step at iteration 0."""
         spent = self.usage() - before
         metrics = {
             "iteration": iteration,
-            "train_acc": train_acc,
+            "train_acc": step.train_acc if step else None,
             "dev_acc": dev_acc,
-            "loss": loss,
-            "accepted": accepted,
-            "dropped_proposals": dropped or {},
+            "loss": step.loss if step else {},
+            "accepted": step.accepted if step else {},
+            "dropped_proposals": step.dropped if step else {},
             "calls": spent.calls,
             "requests": spent.requests,
             "prompt_tokens": spent.prompt_tokens,
@@ -356,9 +347,10 @@ class Fit:
             "seconds": round(time.perf_counter() - started, 3),
         }
         self.run_dir.append(self.run_dir.metrics, [metrics])
-        self.run_dir.append(self.run_dir.posteriors, posteriors)
+        self.run_dir.append(self.run_dir.posteriors, step.posteriors if step else [])
         self.tracker.log_metrics(iteration, metrics)
-        log.info("iteration %d: train %s dev %s accepted %s", iteration, train_acc, dev_acc, accepted)
+        log.info("iteration %d: train %s dev %s accepted %s", iteration, metrics["train_acc"], dev_acc,
+                 metrics["accepted"])
 
     def usage(self) -> Usage:
         total = Usage()

@@ -27,12 +27,8 @@ def marks(plan: "ExecutionPlan", outputs: Mapping[str, str], example: Mapping[st
     return {n: is_correct(plan.spec.metric, outputs[n], example[f]) for n, f in plan.spec.outputs.items()}
 
 
-def all_correct(plan: "ExecutionPlan", outputs: Mapping[str, str], example: Mapping[str, str]) -> bool:
-    """Every output node of `plan` matches its target in `example`."""
-    return all(marks(plan, outputs, example).values())
-
-
 def accuracy(plan: "ExecutionPlan", outputs: Sequence[Mapping[str, str]], examples: Sequence[Mapping[str, str]]) -> float:
+    """The share of examples whose every output matches (a prediction row's `correct`)."""
     if not examples:
         return 0.0
-    return sum(all_correct(plan, out, ex) for out, ex in zip(outputs, examples)) / len(examples)
+    return sum(all(marks(plan, out, ex).values()) for out, ex in zip(outputs, examples)) / len(examples)

@@ -48,45 +48,17 @@ def default_path(name: str, root: Path = Path("runs")) -> Path:
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # ------------------------------------------------------------ file names
+        self.spec = self.path / "spec.yaml"
+        self.plan = self.path / "plan.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics = self.path / "metrics.jsonl"
+        self.posteriors = self.path / "posteriors.jsonl"
+        self.best = self.path / "best.yaml"
+        self.curve = self.path / "curve.png"
+        self.report = self.path / "report.html"
+        self.lock_file = self.path / ".lock"
         self._locked: Path | None = None  # the key in _HELD while this RunDir holds the lock
-
-    # ------------------------------------------------------------ file names
-
-    @property
-    def spec(self) -> Path:
-        return self.path / "spec.yaml"
-
-    @property
-    def plan(self) -> Path:
-        return self.path / "plan.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def posteriors(self) -> Path:
-        return self.path / "posteriors.jsonl"
-
-    @property
-    def best(self) -> Path:
-        return self.path / "best.yaml"
-
-    @property
-    def curve(self) -> Path:
-        return self.path / "curve.png"
-
-    @property
-    def report(self) -> Path:
-        return self.path / "report.html"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path / ".lock"
 
     def predictions(self, which: str) -> Path:
         return self.path / "predictions" / f"dev-{which}.jsonl"
