@@ -83,7 +83,7 @@ def make_layer(task: str, seed: int, args: argparse.Namespace, backend: Any, eta
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
                     (), False, "target", spec=spec)
     paths = {split: data_dir(task) / f"{split}.jsonl" for split in ("train", "dev", "test")}
-    return DeepThinkingLayer(node, spec, backend, data_paths=paths)
+    return DeepThinkingLayer(node, backend, data_paths=paths)
 
 
 def split(task: str, name: str, limit: int) -> tuple[list[dict[str, str]], list[str]]:

@@ -294,7 +294,7 @@ def report_deep_thinking(backends: dict[str, TorchBackend], limits: Limits, step
     rows = [{"input": e["input"]} for e in read_jsonl(data / "test.jsonl", ["input"], limit=queries)]
     print(f"\ndeep-thinking (mpqa, 8 demonstrations, T={steps}):")
     for label, backend in backends.items():
-        layer = DeepThinkingLayer(node, spec, backend, data_paths={"train": data / "train.jsonl"})
+        layer = DeepThinkingLayer(node, backend, data_paths={"train": data / "train.jsonl"})
         text = layer.demo_text(layer.demonstrations())
         think = best_seconds(lambda: layer.think(text, steps), backend.device, repeats=2)
         state = layer.think(text, steps)

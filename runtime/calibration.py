@@ -64,6 +64,17 @@ def apply(distribution: Mapping[str, float], bias: Mapping[str, float]) -> dict[
     return {c: v - norm for c, v in shifted.items()}
 
 
+def normalized(totals: Sequence[float], choices: Sequence[str]) -> list[dict[str, float]]:
+    """Summed log-probs of every choice of every row (rows one after another,
+    choices in order) as one class-normalized {choice: log-prob} per row."""
+    out = []
+    for start in range(0, len(totals), len(choices)):
+        row = totals[start : start + len(choices)]
+        norm = logsumexp(row)
+        out.append({c: t - norm for c, t in zip(choices, row)})
+    return out
+
+
 def apply_all(distributions: Sequence[Mapping[str, float]], bias: Mapping[str, float]) -> list[dict[str, float]]:
     return [apply(d, bias) for d in distributions]
 

@@ -81,7 +81,7 @@ def make_layer(backend, **changes: object) -> DeepThinkingLayer:
     spec = node_spec(**changes)
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", tuple(spec.choices), (), ("input",),
                     (), False, "target", spec=spec)
-    return DeepThinkingLayer(node, spec, backend)
+    return DeepThinkingLayer(node, backend)
 
 
 def demo_ids(layer: DeepThinkingLayer) -> list[int]:
@@ -376,7 +376,7 @@ def tiny_layer(device: str, **changes: object) -> DeepThinkingLayer:
     spec = DeepThinkingNode.model_validate({"kind": "deep_thinking", **fields})
     node = PlanNode("answer", NodeKind.DEEP_THINKING, "local", "torch", "choice", ("x", "y"), (), ("input",), (), False,
                     "target", spec=spec)
-    return DeepThinkingLayer(node, spec, TinyBackend(device))
+    return DeepThinkingLayer(node, TinyBackend(device))
 
 
 def test_thinking_changes_predictions_of_a_small_model(device: str) -> None:

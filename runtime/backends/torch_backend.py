@@ -326,40 +326,28 @@ class TorchBackend(BackendBase):
 
     # ------------------------------------------------------------------ K/V states
 
-    def kv_forward(
-        self, ids: Sequence[int], past: KVState | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Keys and values (fp32, per layer) of `ids` read after `past` (None: from
-        the start): all-ones mask, positions continuing after the past's length."""
+    def kv_forward(self, ids: Sequence[int], past: KVState | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values (fp32, per layer) of `ids` read after `past` (None: from the start)."""
         offset = past.length if past is not None else 0
-        tensor = torch.tensor([list(ids)], dtype=torch.long)
-        cache = past.cache(dtype=self.dtype, device=self.device) if past is not None else None
-        # no_grad, not inference_mode: the caller updates these tensors in place later.
-        with torch.no_grad():
-            mask = torch.ones(1, offset + len(ids), dtype=torch.long)
-            _, cache = self._hidden(tensor, mask, offset + torch.arange(len(ids))[None], cache)
-        return (
-            [layer.keys[:, :, offset:].float() for layer in cache.layers],
-            [layer.values[:, :, offset:].float() for layer in cache.layers],
-        )
+        with torch.no_grad():  # not inference_mode: the caller updates these tensors in place
+            cache, _ = self._prefix_cache(past, tuple(ids))
+        assert cache is not None, "kv_forward needs ids"
+        return [x.keys[:, :, offset:].float() for x in cache.layers], [x.values[:, :, offset:].float() for x in cache.layers]
 
     def hold(self, owner: str, state: KVState) -> str:
-        """Keep a snapshot of `state` for score requests that name it, and return
-        the name (its content digest). An owner holds one state: this replaces
-        its previous one, so memory stays bounded by the number of owners."""
+        """Keep a snapshot of `state` for score requests naming it by the returned
+        content digest. An owner holds one state (memory stays bounded): this
+        replaces its previous one."""
         digest = state.digest()
-        if owner not in self._held or self._held[owner][0] != digest:
+        if self._held.get(owner, ("",))[0] != digest:
             self._held[owner] = (digest, state.clone())
         return digest
 
     def _held_state(self, digest: str) -> KVState:
-        for held, state in self._held.values():
-            if held == digest:
-                return state
-        raise RuntimeFailure(
-            f"no K/V state {digest[:12]} is held by this backend",
-            hint="a Deep-Thinking layer holds its state before it scores: build the requests with the layer",
-        )
+        held = {d: state for d, state in self._held.values()}
+        if digest not in held:
+            raise RuntimeFailure(f"no K/V state {digest[:12]} is held by this backend", hint="hold it before scoring")
+        return held[digest]
 
     # ------------------------------------------------------------------ generate
 

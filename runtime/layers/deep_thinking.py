@@ -65,7 +65,7 @@ the node's template variables; when the node reads upstream nodes, the caller
 passes dev rows holding their outputs (the executor's `rows_for`). `forward`
 prepares on first use, so `Executor(plan, backends, layers={name: layer})` with
 a layer from `from_plan` works for `eval` / `run`; a layer built with only
-(node, spec, backend) can think on the fly only from an explicit
+(node, backend) can think on the fly only from an explicit
 `demonstrations.examples` list. The backend must have a K/V-prefix engine
 (`KVPrefixScoring`: the torch backend, itself or behind the response cache);
 templates are read as plain text (no chat wrapping).
@@ -160,7 +160,6 @@ class DeepThinkingLayer:
     def __init__(
         self,
         node: PlanNode,
-        spec: DeepThinkingNode,
         backend: Backend,
         *,
         data_paths: Mapping[str, Path] | None = None,
@@ -168,9 +167,10 @@ class DeepThinkingLayer:
         dev_size: int | None = None,
         calibration_size: int = 32,
     ) -> None:
+        assert isinstance(node.spec, DeepThinkingNode), f"{node.name} is not a deep_thinking node"
         self.node = node
         self.name = node.name
-        self.spec = spec
+        self.spec = node.spec
         self.backend = backend
         self.engine = kv_engine(backend, node.name)
         self.data_paths = dict(data_paths or {})
@@ -187,7 +187,6 @@ class DeepThinkingLayer:
     ) -> "DeepThinkingLayer":
         return cls(
             plan.nodes[name],
-            plan.spec.nodes[name],  # type: ignore[arg-type]
             backend,
             data_paths=plan.data_paths,
             run_dir=run_dir,
@@ -398,14 +397,9 @@ class DeepThinkingLayer:
         requests = [
             ScoreRequest(prompt=text, continuation=c, state=digest) for text, cs in zip(texts, continuations) for c in cs
         ]
-        choices = self.spec.choices
 
         def decode(scores: list[Score]) -> list[dict[str, float]]:
-            normalized = []
-            for start in range(0, len(scores), len(choices)):
-                totals = [s.total for s in scores[start : start + len(choices)]]
-                norm = calibration.logsumexp(totals)
-                normalized.append({c: t - norm for c, t in zip(choices, totals)})
+            normalized = calibration.normalized([s.total for s in scores], self.spec.choices)
             own = normalized[: len(rows)]
             if method == "none":
                 return own
