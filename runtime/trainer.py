@@ -47,7 +47,7 @@ from dlngraph.runtime.backward import (
 from dlngraph.runtime.data import Example
 from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers import bind
-from dlngraph.runtime.layers.base import Demo, HiddenLayer, Layer, Params, Row
+from dlngraph.runtime.layers.base import Demo, HiddenLayer, Layer, Params, Posterior, Row
 from dlngraph.runtime import metrics
 from dlngraph.runtime.optimizer import DLNSearch, Optimizer
 from dlngraph.spec import TrainSpec
@@ -194,12 +194,14 @@ class Trainer:
             return
         sampling = {
             n: self.hidden(n).posterior_samples(
-                params[n],
-                state.rows[n],
-                state.result.records[n].outputs,
-                [[(c, state.targets[c][b]) for c in self.children_with_targets(n)] for b in range(len(state.batch))],
-                self.train,
-                stable_seed(self.seed, iteration, n, "posterior"),
+                Posterior(
+                    params[n],
+                    state.rows[n],
+                    state.result.records[n].outputs,
+                    [[(c, state.targets[c][b]) for c in self.children_with_targets(n)] for b in range(len(state.batch))],
+                    self.train,
+                    stable_seed(self.seed, iteration, n, "posterior"),
+                )
             )
             for n in names
         }

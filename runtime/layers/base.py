@@ -70,16 +70,21 @@ class Layer(Protocol):
     def target_scores(self, items: Sequence[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]: ...
 
 
+@dataclass(frozen=True)
+class Posterior:
+    """What a hidden layer's posterior sampling reads for one batch."""
+
+    params: Params
+    rows: Sequence[Row]
+    outputs: Sequence[str]  # the forward's, per example
+    child_targets: Sequence[Sequence[tuple[str, str]]]  # per example, (child, target) pairs
+    train: TrainSpec
+    seed: int
+
+
 @runtime_checkable
 class HiddenLayer(Layer, Protocol):
-    """A layer whose targets can come from a posterior (the plan's `needs_posterior`)."""
+    """A layer whose targets can come from a posterior (the plan's `needs_posterior`):
+    per example its candidates, the current output first."""
 
-    def posterior_samples(
-        self,
-        params: Params,
-        rows: Sequence[Row],
-        outputs: Sequence[str],
-        child_targets: Sequence[Sequence[tuple[str, str]]],
-        train: TrainSpec,
-        seed: int,
-    ) -> Deferred[list[list[str]]]: ...
+    def posterior_samples(self, asked: Posterior) -> Deferred[list[list[str]]]: ...

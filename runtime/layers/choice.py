@@ -25,9 +25,9 @@ from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime import calibration, demos
 from dlngraph.runtime.backends.base import Backend, Score
 from dlngraph.runtime.backward import Deferred, TargetScore, run_now
-from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Posterior, Row
 from dlngraph.runtime.template import render, score_request
-from dlngraph.spec import ChoiceOutput, LayerNode, TrainSpec
+from dlngraph.spec import ChoiceOutput, LayerNode
 
 
 class ChoiceLayer:
@@ -123,16 +123,8 @@ class ChoiceLayer:
 
         return Deferred(self.node.backend, "score", inner.requests, decode)
 
-    def posterior_samples(
-        self,
-        params: Params,
-        rows: Sequence[Row],
-        outputs: Sequence[str],
-        child_targets: Sequence[Sequence[tuple[str, str]]],
-        train: TrainSpec,
-        seed: int,
-    ) -> Deferred[list[list[str]]]:
+    def posterior_samples(self, asked: Posterior) -> Deferred[list[list[str]]]:
         """A hidden choice node's posterior candidates are its choices: nothing to sample
-        (the plan lists no call for it). The current output comes first, as for text nodes."""
-        candidates = [[out, *(c for c in self.choices if c != out)] for out in outputs]
+        (the plan lists no call for it)."""
+        candidates = [[out, *(c for c in self.choices if c != out)] for out in asked.outputs]
         return Deferred(self.node.proposer, "generate", [], lambda _answers: candidates)

@@ -16,9 +16,9 @@ from dlngraph.compiler.plan import ExecutionPlan, PlanNode
 from dlngraph.runtime import demos
 from dlngraph.runtime.backends.base import Backend, GenerateRequest, Generation
 from dlngraph.runtime.backward import Deferred, TargetScore, render_meta, shown_input, stable_seed
-from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Posterior, Row
 from dlngraph.runtime.template import render, score_request
-from dlngraph.spec import LayerNode, TextOutput, TrainSpec
+from dlngraph.spec import LayerNode, TextOutput
 
 
 class TextLayer:
@@ -72,22 +72,15 @@ class TextLayer:
         ]
         return Deferred(self.node.backend, "score", requests, lambda scores: [TargetScore(s.mean) for s in scores])
 
-    def posterior_samples(
-        self,
-        params: Params,
-        rows: Sequence[Row],
-        outputs: Sequence[str],
-        child_targets: Sequence[Sequence[tuple[str, str]]],
-        train: TrainSpec,
-        seed: int,
-    ) -> Deferred[list[list[str]]]:
+    def posterior_samples(self, asked: Posterior) -> Deferred[list[list[str]]]:
         """K samples per example of what the node should have written, given what its
-        children must produce (`child_targets`: per example, (child, target) pairs).
+        children must produce (`asked.child_targets`).
         Per example the candidates are the current output, then the distinct samples.
         Sample k of every example uses the same seed, so identical examples make
         identical requests (sent once). The node's proposer backend writes them."""
         requests = []
-        for row, out, targets in zip(rows, outputs, child_targets):
+        params, train, outputs = asked.params, asked.train, asked.outputs
+        for row, out, targets in zip(asked.rows, outputs, asked.child_targets):
             text = render_meta(
                 "posterior.jinja",
                 prompt=params.prompt,
@@ -102,7 +95,7 @@ class TextLayer:
                     max_tokens=self.output.max_tokens,
                     temperature=train.backward_temperature,
                     stop=(*self.output.stop, "##"),
-                    seed=stable_seed(seed, k),
+                    seed=stable_seed(asked.seed, k),
                 )
                 for k in range(train.posterior_samples)
             ]
