@@ -113,10 +113,10 @@ class DLNSearch:
         deferred = {}
         for n in names:
             rows, targets = state.rows[n], state.targets[n]
-            deferred[(n, "targets")] = trainer.score_targets(n, [(p, row, t) for p in candidates[n] for row, t in zip(rows, targets)])
+            deferred[(n, "targets")] = trainer.layers[n].target_scores([(p, row, t) for p in candidates[n] for row, t in zip(rows, targets)])
             if train.trust_region > 0 and trainer.plan.nodes[n].output_type == "text":
                 outputs = state.result.records[n].outputs
-                deferred[(n, "outputs")] = trainer.score_targets(n, [(p, r, o) for p in candidates[n] for r, o in zip(rows, outputs)])
+                deferred[(n, "outputs")] = trainer.layers[n].target_scores([(p, r, o) for p in candidates[n] for r, o in zip(rows, outputs)])
         scores = trainer.run_calls(stage, "candidate_scoring", deferred, by=lambda key: key[0])
         selections: dict[str, Selection[Params]] = {}
         b = len(state.batch)

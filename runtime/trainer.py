@@ -54,7 +54,6 @@ from dlngraph.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
-THINK_OP = "think:"
 POSTERIOR_EXAMPLES_LOGGED = 3
 
 
@@ -210,10 +209,10 @@ class Trainer:
         scoring: dict[tuple[str, str], Deferred[list[TargetScore]]] = {}
         for n in names:
             pairs = [(b, h) for b, cands in enumerate(candidates[n]) for h in cands]
-            scoring[(n, n)] = self.score_targets(n, [(params[n], state.rows[n][b], h) for b, h in pairs])
+            scoring[(n, n)] = self.layers[n].target_scores([(params[n], state.rows[n][b], h) for b, h in pairs])
             for c in self.children_with_targets(n):
                 items = [(params[c], {**state.rows[c][b], n: h}, state.targets[c][b]) for b, h in pairs]
-                scoring[(n, c)] = self.score_targets(c, items)
+                scoring[(n, c)] = self.layers[c].target_scores(items)
         scored = self.run_calls(stage, "child_rescoring", scoring, by=lambda key: key[1])
         for n in names:
             prior = _regroup(scored[(n, n)], candidates[n])
@@ -274,7 +273,7 @@ class Trainer:
         identical requests sent once; answers go back to each deferred in order."""
         unique: dict[tuple[str, str], dict[Any, int]] = {}
         for d in deferred:
-            if (d.backend, d.op) != (call.backend, call.op) and not d.op.startswith(THINK_OP):
+            if (d.backend, d.op) != (call.backend, call.op):
                 raise PlanMismatch(f"{d.op} on {d.backend} is not the plan's {call.op} on {call.backend} ({call.purpose})")
             seen = unique.setdefault((d.backend, d.op), {})
             for request in d.requests:
@@ -286,20 +285,13 @@ class Trainer:
         try:
             for (backend, op), requests in sorted(unique.items()):
                 self.events.call(call.purpose, len(requests))
-                answers[(backend, op)] = self.operation(backend, op)(list(requests))
+                answers[(backend, op)] = getattr(self.backends[backend], op)(list(requests))
         finally:
             self.current = None
         self.made.append(MadeCall(stage.index, call, nodes, sum(len(r) for r in unique.values())))
         return [
             d.decode([answers[(d.backend, d.op)][unique[(d.backend, d.op)][r]] for r in d.requests]) for d in deferred
         ]
-
-    def operation(self, backend: str, op: str) -> Any:
-        """`generate` / `score` of a backend, or a Deep-Thinking layer's scoring (`think:<node>`)."""
-        if op.startswith(THINK_OP):
-            layer: Any = self.layers[op.removeprefix(THINK_OP)]
-            return lambda rows: layer.choice_logprobs(layer.state, [dict(r) for r in rows])
-        return getattr(self.backends[backend], op)
 
     # ------------------------------------------------------------------ helpers
 
@@ -312,13 +304,6 @@ class Trainer:
     def children_with_targets(self, name: str) -> list[str]:
         return [c for c in self.plan.nodes[name].children if self.plan.nodes[c].has_targets]
 
-    def score_targets(self, name: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
-        """The node's layer scoring (prompt, row, target) triples."""
-        layer = self.layers[name]
-        if not hasattr(layer, "target_scores"):  # a Deep-Thinking layer before its Deferred scoring
-            return _thinking_scores(name, self.plan.nodes[name].backend, items)
-        return layer.target_scores(items)
-
     def attempts(self, name: str, state: Pass) -> list[Attempt]:
         template = self.plan.nodes[name].spec.template
         return [
@@ -328,17 +313,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- small pure helpers
-
-
-def _thinking_scores(name: str, backend: str, items: list[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
-    """A Deep-Thinking node's class-normalized log-prob of each target (it has no prompt:
-    its learned K/V state answers), as requests the trainer batches like any other."""
-    requests = [tuple(sorted(row.items())) for _, row, _ in items]
-
-    def decode(distributions: list[dict[str, float]]) -> list[TargetScore]:
-        return [TargetScore(d[target], d) for d, (_, _, target) in zip(distributions, items)]
-
-    return Deferred(backend, THINK_OP + name, requests, decode)
 
 
 def _regroup(flat: list[TargetScore], candidates: list[list[str]]) -> list[list[TargetScore]]:

@@ -85,11 +85,7 @@ class ChoiceLayer:
         priors = {} if priors is None else priors
 
         def decode(scores: list[Score]) -> list[dict[str, float]]:
-            raw = []
-            for start in range(0, len(scores), len(choices)):
-                totals = [s.total for s in scores[start : start + len(choices)]]
-                norm = calibration.logsumexp(totals)
-                raw.append({c: t - norm for c, t in zip(choices, totals)})
+            raw = calibration.normalized([s.total for s in scores], choices)
             own, free_scored = raw[: len(pairs)], raw[len(pairs) :]
             if method == "none":
                 return own
