@@ -148,7 +148,7 @@ class DLNSearch:
         spec = node.demos if isinstance(node, LayerNode) else None
         if spec is None or not spec.search:
             return []
-        everything = trainer.demo_pool(name)
+        everything = demos.pool(trainer.plan, name)
         if not everything:  # a node without labels keeps its given demonstrations
             return []
         shown = self.batch_demos(trainer, name, state)

@@ -34,7 +34,6 @@ from typing import Any
 
 from dlngraph.compiler.plan import BatchedCall, ExecutionPlan, Stage
 from dlngraph.runtime.backends.base import Backend
-from dlngraph.runtime import demos
 from dlngraph.runtime.backward import (
     Attempt,
     Deferred,
@@ -47,7 +46,7 @@ from dlngraph.runtime.backward import (
 from dlngraph.runtime.data import Example
 from dlngraph.runtime.executor import Executor, RunResult
 from dlngraph.runtime.layers import bind
-from dlngraph.runtime.layers.base import Demo, HiddenLayer, Layer, Params, Posterior, Row
+from dlngraph.runtime.layers.base import HiddenLayer, Layer, Params, Posterior, Row
 from dlngraph.runtime import metrics
 from dlngraph.runtime.optimizer import DLNSearch, Optimizer
 from dlngraph.spec import TrainSpec
@@ -142,9 +141,6 @@ class Trainer:
         prompts = {n: p for n, p in params.items() if isinstance(p, str)}
         full = {n: p for n, p in params.items() if isinstance(p, Params)}
         return Executor(self.plan, self.backends, prompts, params=full, layers=self.layers, seed=self.seed)
-
-    def demo_pool(self, name: str) -> list[Demo]:
-        return demos.pool(self.plan, name)
 
     # ------------------------------------------------------------------ one iteration
 
