@@ -99,15 +99,11 @@ class KVState:
     def length(self) -> int:
         return int(self.keys[0].shape[-2])
 
-    def cache(self, batch: int = 1, *, dtype: torch.dtype, device: torch.device | str) -> DynamicCache:
-        """A fresh cache holding the state for `batch` rows (a forward appends to it in place)."""
+    def cache(self, *, dtype: torch.dtype, device: torch.device | str) -> DynamicCache:
+        """A fresh cache holding the state (a forward appends new tensors to it; the state's stay as they are)."""
         cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            cache.update(
-                k.to(device=device, dtype=dtype).expand(batch, -1, -1, -1).contiguous(),
-                v.to(device=device, dtype=dtype).expand(batch, -1, -1, -1).contiguous(),
-                layer,
-            )
+            cache.update(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), layer)
         return cache
 
     def digest(self) -> str:

@@ -82,6 +82,28 @@ def test_every_sampling_parameter_is_part_of_the_key(change: dict) -> None:
     assert request_key("torch", "m", "generate", base) != request_key("torch", "m2", "generate", base)
 
 
+def test_a_score_request_keys_as_before_unless_it_names_a_kv_state() -> None:
+    import hashlib
+    import json
+
+    request = ScoreRequest("p", " c", prefix="Q:")
+    # The payload of the key before ScoreRequest had a `state` field: stored answers stay valid.
+    before = {"kind": "torch", "identity": "m", "op": "score",
+              "request": {"prompt": "p", "continuation": " c", "prefix": "Q:"}}
+    canonical = json.dumps(before, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert request_key("torch", "m", "score", request) == hashlib.sha256(canonical.encode()).hexdigest()
+    one, other = (dataclasses.replace(request, state=d) for d in ("a" * 64, "b" * 64))
+    keys = {request_key("torch", "m", "score", r) for r in (request, one, other)}
+    assert len(keys) == 3  # a state's digest is part of the key
+
+
+def test_the_wrapper_reaches_the_inner_backend_only_through_named_methods() -> None:
+    backend = CachedBackend(EchoBackend(), MemoryCache())
+    assert backend.kv_engine() is None  # the echo backend has no K/V-prefix engine
+    with pytest.raises(AttributeError):
+        backend.batches  # noqa: B018 - no attribute reach-through to the inner backend
+
+
 def test_failed_inner_call_stores_nothing(response_cache: Cache) -> None:
     class Failing(EchoBackend):
         def score(self, requests: list[ScoreRequest]) -> list[Score]:

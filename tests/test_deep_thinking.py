@@ -176,6 +176,7 @@ def test_zero_state_choice_logprobs_are_the_backends_plain_scoring(torch_backend
 def test_state_requests_batch_and_cache_like_any_other(torch_backend) -> None:
     cached = CachedBackend(torch_backend, MemoryCache())
     layer = make_layer(cached)
+    assert layer.engine is torch_backend  # the cache wrapper names its engine; states are held there
     state = layer.think(layer.demo_text(DEMOS), 2)
     deferred = layer.distributions(state, QUERIES)
     assert deferred.op == "score" and deferred.backend == "local"
@@ -428,3 +429,13 @@ def test_batch_calibration_needs_train_inputs(device: str) -> None:
     layer = tiny_layer(device, calibration="batch")
     with pytest.raises(RuntimeFailure, match="batch calibration needs the train split"):
         layer.forward(TINY_ROWS[:2])
+
+
+def test_thinking_longer_than_the_context_is_refused_with_the_node(device: str) -> None:
+    long_demos = [{"input": "ab" * 50, "target": "x"}, {"input": "cd" * 50, "target": "y"}]
+    layer = tiny_layer(device, demonstrations={"examples": long_demos})
+    twice = 2 * len(layer.engine.token_ids(layer.demo_text(long_demos)))  # 2 x (2 x (100 + 2) + 2 x 2) = 416
+    with pytest.raises(RuntimeFailure, match=rf"thinking \(the demonstrations twice\) is {twice} tokens long, more "
+                                             r"than the model's context of 256") as caught:
+        layer.forward(TINY_ROWS)
+    assert caught.value.node == "answer" and "fewer or shorter demonstrations" in str(caught.value)

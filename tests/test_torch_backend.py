@@ -11,6 +11,7 @@ batched and unbatched agree only to 0.15 there.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import torch
 
 from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backends.base import GenerateRequest, ScoreRequest
-from dlngraph.runtime.backends.torch_backend import TorchBackend
+from dlngraph.runtime.backends.torch_backend import Encoded, TorchBackend
+from dlngraph.runtime.kv_state import KVState, StateMeta
 from dlngraph.spec import TorchBackendSpec
 
 pytestmark = pytest.mark.model
@@ -28,9 +30,10 @@ REVIEWS = ["A wonderful, moving film.", "Dull, far too long and badly acted; I l
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
 
 
-def plain_logprobs(backend: TorchBackend, request: ScoreRequest) -> list[float]:
-    """Log-probs of the continuation from one unbatched, uncached forward."""
+def plain_logprobs(backend: TorchBackend, request: ScoreRequest, before: tuple[int, ...] = ()) -> list[float]:
+    """Log-probs of the continuation from one unbatched, uncached forward (after the ids `before`)."""
     encoded = backend.encode(request)
+    encoded = Encoded(before + encoded.prefix, encoded.prompt, encoded.continuation)
     with torch.inference_mode():
         logits = backend.model(torch.tensor([encoded.ids], device=backend.device)).logits[0]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -124,6 +127,26 @@ def test_chat_mode_wraps_the_prompt_and_keeps_the_prefix_shared(torch_backend: T
     assert "<|im_start|>assistant" in chat.tokenizer.decode(encoded.prompt)
     assert chat.identity != torch_backend.identity
     assert chat.score([request])[0].token_logprobs == pytest.approx(plain_logprobs(chat, request), abs=1e-4)
+
+
+def test_requests_after_a_held_kv_state_read_on_from_it(torch_backend: TorchBackend) -> None:
+    demos = "Review: Great fun.\nSentiment: positive\n\n"
+    ids = torch_backend.token_ids(demos)
+    meta = StateMeta("n", torch_backend.identity, torch_backend.tokenizer_name(), 0.1, 0.9, 1, len(ids), "float32", "-")
+    state = KVState(*torch_backend.kv_forward(ids, None), meta)
+    digest = torch_backend.hold("test", state)
+    requests = [ScoreRequest(prompt=f"Review: {text}\nSentiment:", continuation=" positive", prefix=p, state=digest)
+                for text in REVIEWS for p in ("", INSTRUCTION)]
+    for request, score in zip(requests, torch_backend.score(requests)):
+        # The state's ids, then prefix, prompt and continuation, in one plain forward.
+        expected = plain_logprobs(torch_backend, replace(request, state=""), before=ids)
+        assert score.token_logprobs == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(RuntimeFailure, match="no K/V state"):
+        torch_backend.score([ScoreRequest("x", " y", state="0" * 64)])
+    with pytest.raises(RuntimeFailure, match="needs a prompt"):
+        torch_backend.score([ScoreRequest("", " y", state=digest)])
+    chat = TorchBackend(TorchBackendSpec(chat=True, batch_size=8))
+    assert chat.encode(requests[0]).prompt == torch_backend.token_ids(requests[0].prompt)  # a state reads plain text
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:

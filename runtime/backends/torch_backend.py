@@ -194,14 +194,8 @@ class TorchBackend(BackendBase):
         start = self.tokenizer.bos_token_id
         return (self.tokenizer.eos_token_id if start is None else start,)
 
-    def check_context(
-        self,
-        length: int,
-        what: str = "a request",
-        *,
-        node: str | None = None,
-        hint: str = "shorten the template or the inputs, or use a model with a longer context",
-    ) -> None:
+    def check_context(self, length: int, what: str = "a request", *, node: str | None = None,
+                      hint: str = "shorten the template or the inputs, or use a model with a longer context") -> None:
         if length > self.context_length:
             raise RuntimeFailure(
                 f"{what} is {length} tokens long, more than the model's context of {self.context_length} tokens",
