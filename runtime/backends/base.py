@@ -43,10 +43,9 @@ class Generation:
 class ScoreRequest:
     """log p(continuation | prompt). `prefix` is the part of the prompt shared
     by many requests (a node's instruction); backends may reuse its KV cache.
-    The full prompt is `prefix + prompt`. `state` names a K/V state the backend
-    holds (`KVPrefixScoring.hold`) by its content digest: the prompt is read
-    after it, as plain text. A digest, not the tensors, so that requests stay
-    hashable and the response cache keys on exactly the state's content."""
+    The full prompt is `prefix + prompt`. `state` is the content digest of a K/V
+    state the backend holds (`KVPrefixScoring.hold`); the prompt is read after it,
+    as plain text. A digest keeps requests hashable and cache keys exact."""
 
     prompt: str
     continuation: str
@@ -125,10 +124,9 @@ class Backend(Protocol):
 
 @runtime_checkable
 class KVPrefixScoring(Protocol):
-    """The K/V-prefix engine of a backend with `kv_access` (the torch backend), as
-    the Deep-Thinking layer uses it: the passes that build a state over token
-    ids, and holding a state so that ordinary `score` requests can name it
-    (`ScoreRequest.state`). The scoring itself is the backend's one `score`."""
+    """What a Deep-Thinking layer needs of a `kv_access` backend (the torch one):
+    passes that build a K/V state over token ids, and holding a state so that
+    ordinary `score` requests can name it (`ScoreRequest.state`)."""
 
     identity: str
 

@@ -11,10 +11,9 @@ joins the ids (`encode`), so reuse never changes results.
 Only the positions whose next-token distribution is needed go through the
 output projection (a third of the 135M model's weights).
 
-It is also the one K/V-prefix engine (`KVPrefixScoring`): a Deep-Thinking
-layer builds its state with `kv_forward` and `hold`s it here; score requests
-naming the state (`ScoreRequest.state`) read their prompt after it, through the
-same prefix-cached path as any other prefix.
+It is also the one K/V-prefix engine (`KVPrefixScoring`): a Deep-Thinking layer
+builds its state with `kv_forward` and `hold`s it; a request naming the state
+(`ScoreRequest.state`) is read after it like after any other prefix.
 """
 
 from __future__ import annotations

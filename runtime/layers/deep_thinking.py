@@ -13,12 +13,10 @@ The layer owns both halves, as the authors' code does them:
   K_t = eta * K_new + (1 - eta) * K_{t-1}.
 - `forward`: each query is answered from the state alone, as a prefix cache
   (mask [ones(L) | query mask], query positions from L): the answer is the
-  choice whose tokens have the largest summed log-prob; `choice_logprobs` are
-  normalized over the choices. The scoring is the torch backend's one
-  prefix-cached `score`: the layer `hold`s its state on the backend's K/V
-  engine and sends ordinary score requests naming it by content digest, so
-  they batch, deduplicate and cache like any other (the response cache keys
-  on the digest).
+  choice whose tokens have the largest summed log-prob, normalized over the
+  choices. The layer `hold`s its state on the torch backend's K/V engine and
+  sends ordinary `score` requests naming it by content digest: they batch,
+  deduplicate and cache (keyed on the digest) like any other layer's.
 - `select_steps`: T is chosen on dev data (never test) in ONE thinking run,
   evaluating the state after each pass 1..max_steps; the best accuracy wins
   (ties: higher mean log-prob of the target, then smaller T).
@@ -290,10 +288,7 @@ class DeepThinkingLayer:
                 new = new_keys + new_values
                 current = state.keys + state.values
                 grads = [n - s for n, s in zip(new, current)]
-                if momentum is None:
-                    momentum = grads
-                else:
-                    momentum = [g + self.spec.beta * m for g, m in zip(grads, momentum)]
+                momentum = grads if momentum is None else [g + self.spec.beta * m for g, m in zip(grads, momentum)]
                 change = StepChange(
                     state.meta.steps + 1,
                     key_update=self.spec.eta * relative_norm(momentum[:layers], current[:layers]),
