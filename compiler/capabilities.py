@@ -22,7 +22,8 @@ from dlngraph.capabilities import DECLARED, Capability
 from dlngraph.errors import Diagnostic, SpecError
 from dlngraph.yamlsource import Source
 
-from dlngraph.compiler.ir import NodeData, NodeKind, Unit, nodes
+from dlngraph.compiler.ir import NodeKind, Unit, nodes
+from dlngraph.compiler.plan import PlanNode
 
 REQUIRES = frozenset({"acyclic"})
 GUARANTEES = frozenset({"capable"})
@@ -42,7 +43,7 @@ def declared_capabilities(backend_name: str, backend_spec: object) -> frozenset[
     return DECLARED[getattr(backend_spec, "kind")]
 
 
-def needs(data: NodeData, proposer: str | None = None) -> list[tuple[str, frozenset[Capability]]]:
+def needs(data: PlanNode, proposer: str | None = None) -> list[tuple[str, frozenset[Capability]]]:
     """What a node needs of its own backend, as (reason, any-of set) pairs: each set
     needs one member. With a `proposer` backend, proposals are not its own backend's."""
     if data.kind is NodeKind.DEEP_THINKING:
@@ -114,7 +115,7 @@ def _proposer_generates(unit: Unit, capabilities: dict[str, frozenset[Capability
     ]
 
 
-def _multi_token_choices(data: NodeData, count: Callable[[str], int], unit: Unit, source: Source) -> list[Diagnostic]:
+def _multi_token_choices(data: PlanNode, count: Callable[[str], int], unit: Unit, source: Source) -> list[Diagnostic]:
     """Choices that are not one token as the runtime scores them: after one space,
     unless the template ends in whitespace (the target delimiter of `score_request`)."""
     assert unit.spec is not None
@@ -163,7 +164,7 @@ def _unknown_capability(name: str, backend: object, error: str, source: Source) 
 
 
 def _missing(
-    data: NodeData,
+    data: PlanNode,
     reason: str,
     any_of: frozenset[Capability],
     have: frozenset[Capability],

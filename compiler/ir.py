@@ -2,8 +2,9 @@
 
 A compilation is a `Unit` that each pass returns a new copy of, filling in
 what it guarantees. The graph is a networkx DiGraph (edge parent -> child)
-whose nodes carry one frozen `NodeData` under the key "data". Node kinds are
-a closed enum: adding one means adding a runtime layer module too.
+whose nodes carry one frozen `PlanNode` (the one node model, compiler/plan.py)
+under the key "data". Node kinds are a closed enum: adding one means adding a
+runtime layer kind too (runtime/layers).
 `lint(graph)` checks the graph's invariants; tests run it after every pass.
 """
 
@@ -16,40 +17,15 @@ from pathlib import Path
 import networkx as nx
 
 from dlngraph.capabilities import Capability
-from dlngraph.errors import Span
-from dlngraph.spec import DeepThinkingNode, LayerNode, Spec
+from dlngraph.spec import Spec
 from dlngraph.yamlsource import Source
 
-from dlngraph.compiler.plan import ExecutionPlan, NodeKind
+from dlngraph.compiler.plan import ExecutionPlan, NodeKind, PlanNode
 
 CapabilityResolver = Callable[[str, object], frozenset[Capability]]
 # (backend name, backend spec) -> how many tokens a text is for that backend's
 # model, or None when the compiler cannot know (no tokenizer named).
 TokenCounter = Callable[[str, object], Callable[[str], int] | None]
-
-
-@dataclass(frozen=True)
-class NodeData:
-    name: str
-    kind: NodeKind
-    spec: LayerNode | DeepThinkingNode
-    backend: str
-    span: Span  # the node's key in the spec file; runtime errors cite it
-    inputs: tuple[str, ...]  # dataset fields its templates read, sorted
-    parents: tuple[str, ...]  # upstream nodes its template reads, sorted
-    target: str | None  # dataset field when the node is an output
-
-    @property
-    def output_type(self) -> str:
-        return self.spec.output.type
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        return tuple(getattr(self.spec.output, "choices", ()))
-
-    @property
-    def trainable(self) -> bool:
-        return self.kind is NodeKind.LAYER and self.spec.trainable
 
 
 @dataclass(frozen=True)
@@ -88,8 +64,8 @@ def lint(graph: nx.DiGraph) -> None:
     """Raise `LintError` unless `graph` is well formed."""
     for name, attrs in graph.nodes(data=True):
         data = attrs.get("data")
-        if not isinstance(data, NodeData):
-            raise LintError(f"node {name!r} has no NodeData")
+        if not isinstance(data, PlanNode):
+            raise LintError(f"node {name!r} has no PlanNode")
         if data.name != name:
             raise LintError(f"node {name!r} carries data named {data.name!r}")
         if not isinstance(data.kind, NodeKind):
@@ -100,7 +76,7 @@ def lint(graph: nx.DiGraph) -> None:
             raise LintError(f"node {name!r}: parents and inputs must be sorted")
 
 
-def nodes(graph: nx.DiGraph) -> dict[str, NodeData]:
+def nodes(graph: nx.DiGraph) -> dict[str, PlanNode]:
     """Node name -> its data, sorted by name."""
     return {name: graph.nodes[name]["data"] for name in sorted(graph.nodes)}
 

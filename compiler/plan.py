@@ -30,6 +30,11 @@ class NodeKind(StrEnum):
 
 @dataclass(frozen=True)
 class PlanNode:
+    """The one node model, from the resolve pass on (the graph's nodes carry it, the plan
+    holds it): the validated node spec, typed per kind, and what the compiler derived.
+    Passes fill in what they learn with `dataclasses.replace` (the schedule: children,
+    `needs_posterior`, proposer)."""
+
     name: str
     kind: NodeKind
     backend: str
@@ -49,6 +54,36 @@ class PlanNode:
     # A hidden layer whose targets a trainable node (itself or upstream) needs: its
     # backward samples candidates and scores them under itself and its children.
     needs_posterior: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        spec: LayerNode | DeepThinkingNode,
+        backend: tuple[str, str],
+        reads: tuple[tuple[str, ...], tuple[str, ...]],
+        target: str | None,
+        span: Span,
+    ) -> "PlanNode":
+        """A node as the resolve pass finds it: `backend` is (name, kind), `reads` (parents, inputs)."""
+        layer = spec if isinstance(spec, LayerNode) else None
+        return cls(
+            name=name,
+            kind=NodeKind(spec.kind),
+            backend=backend[0],
+            backend_kind=backend[1],
+            output_type=spec.output.type,
+            choices=tuple(getattr(spec.output, "choices", ())),
+            parents=reads[0],
+            inputs=reads[1],
+            children=(),
+            trainable=layer is not None and layer.trainable,
+            target=target,
+            spec=spec,
+            span=span,
+            demos=layer.demos.count if layer and layer.demos else 0,
+            calibration=spec.calibration,
+        )
 
     @property
     def is_output(self) -> bool:

@@ -1,6 +1,6 @@
 """Pass 3, resolve: names and template variables -> the graph.
 
-REQUIRES "validated". GUARANTEES "resolved": `unit.graph` holds one NodeData
+REQUIRES "validated". GUARANTEES "resolved": `unit.graph` holds one PlanNode
 per node, an edge parent -> child for every node a template names, and
 passes `lint`. Checked here: node names usable as variables, backends that
 exist, templates that parse, variables that name something (with a
@@ -23,7 +23,8 @@ from dlngraph.spec import DeepThinkingNode, Spec
 from dlngraph.yamlsource import Source
 
 from dlngraph.compiler import templates
-from dlngraph.compiler.ir import NodeData, NodeKind, Unit
+from dlngraph.compiler.ir import Unit
+from dlngraph.compiler.plan import PlanNode
 
 REQUIRES = frozenset({"validated"})
 GUARANTEES = frozenset({"resolved"})
@@ -48,17 +49,16 @@ def run(unit: Unit) -> Unit:
         read, node_problems = _read_variables(name, node, names, inputs, source, suggest=len(problems) < MAX_SHOWN)
         problems += node_problems
         used_inputs |= read & inputs
+        backend = spec.backend_of(name)
         graph.add_node(
             name,
-            data=NodeData(
-                name=name,
-                kind=NodeKind(node.kind),
-                spec=node,
-                backend=spec.backend_of(name),
-                span=source.key_span(("nodes", name)),
-                inputs=tuple(sorted(read & inputs)),
-                parents=tuple(sorted(read & names)),
-                target=spec.outputs.get(name),
+            data=PlanNode.of(
+                name,
+                node,
+                (backend, spec.backends[backend].kind if backend in spec.backends else ""),  # unknown: reported below
+                (tuple(sorted(read & names)), tuple(sorted(read & inputs))),
+                spec.outputs.get(name),
+                source.key_span(("nodes", name)),
             ),
         )
         graph.add_edges_from((parent, name) for parent in read & names)

@@ -43,7 +43,7 @@ from dlngraph.errors import SpecError
 from dlngraph.spec import CONTENT_FREE_INPUTS, DeepThinkingNode, LayerNode, Spec
 
 from dlngraph.compiler import templates
-from dlngraph.compiler.ir import FieldProfile, NodeData, NodeKind, Unit, nodes
+from dlngraph.compiler.ir import FieldProfile, NodeKind, Unit, nodes
 from dlngraph.compiler.plan import BatchedCall, ExecutionPlan, PlanNode, Stage
 
 REQUIRES = frozenset({"acyclic", "capable", "data_checked"})
@@ -85,7 +85,15 @@ def run(unit: Unit) -> Unit:
     plan = ExecutionPlan(
         spec=spec,
         spec_path=unit.path.resolve(),
-        nodes={name: _plan_node(d, graph, spec, needs[name]) for name, d in data.items()},
+        nodes={
+            name: replace(
+                d,
+                children=tuple(sorted(graph.successors(name))),
+                proposer=(spec.train.proposer or d.backend) if d.trainable or needs[name] else "",
+                needs_posterior=needs[name],
+            )
+            for name, d in data.items()
+        },
         think=think,
         forward=forward,
         backward=backward,
@@ -101,7 +109,7 @@ class _Sizes:
     """Per-request token sizes of each node, from the spec and the data profile."""
 
     spec: Spec
-    data: dict[str, NodeData]
+    data: dict[str, PlanNode]
     profiles: dict[str, FieldProfile]
     capabilities: dict[str, frozenset[Capability]]
     _prompts: dict[str, int] = field(default_factory=dict)  # node -> tokens, computed once
@@ -113,7 +121,7 @@ class _Sizes:
             return DEFAULT_FIELD_TOKENS
         return tokens(profile.mean_chars[name])
 
-    def output(self, d: NodeData) -> int:
+    def output(self, d: PlanNode) -> int:
         """Tokens of one output: generated text (max_tokens) or the mean choice."""
         known = self._outputs.get(d.name)
         if known is None:
@@ -124,7 +132,7 @@ class _Sizes:
             self._outputs[d.name] = known
         return known
 
-    def prompt(self, d: NodeData) -> int:
+    def prompt(self, d: PlanNode) -> int:
         """Tokens of one rendered request of the node (query template for deep_thinking)."""
         known = self._prompts.get(d.name)
         if known is None:
@@ -133,7 +141,7 @@ class _Sizes:
             known = self._prompts[d.name] = own + reads + self.demos(d)
         return known
 
-    def demos(self, d: NodeData) -> int:
+    def demos(self, d: PlanNode) -> int:
         """Tokens of the node's demonstrations (all k): each its template, the fields it reads, a label."""
         shown = getattr(d.spec, "demos", None)
         if shown is None:
@@ -142,25 +150,24 @@ class _Sizes:
         one = tokens(len(shown.template) + len(shown.separator)) + sum(self.field(f) for f in sorted(read)) + self.output(d)
         return shown.count * one
 
-    def candidates(self, d: NodeData) -> int:
+    def candidates(self, d: PlanNode) -> int:
         """Candidates a trainable layer scores per step (see the module docstring)."""
         train = self.spec.train
         shown = getattr(d.spec, "demos", None)
         searched = shown is not None and shown.search
         return train.prompt_proposals + train.memory + (train.demo_candidates if searched else 0)
 
-    def calibration(self, d: NodeData) -> tuple[BatchedCall, ...]:
+    def calibration(self, d: PlanNode) -> tuple[BatchedCall, ...]:
         """Estimating a calibrated choice layer's label prior again (before a dev evaluation)."""
-        method = getattr(d.spec, "calibration", "none")
-        if d.output_type != "choice" or method == "none":
+        if d.output_type != "choice" or d.calibration == "none":
             return ()
-        rows = self.spec.train.calibration_size if method == "batch" else len(CONTENT_FREE_INPUTS)
+        rows = self.spec.train.calibration_size if d.calibration == "batch" else len(CONTENT_FREE_INPUTS)
         return (replace(self.forward(d, rows), purpose="calibration"),)
 
-    def scores(self, d: NodeData) -> bool:
+    def scores(self, d: PlanNode) -> bool:
         return d.output_type == "text" or Capability.SCORE in self.capabilities[d.backend]
 
-    def forward(self, d: NodeData, examples: int, purpose: str = "forward") -> BatchedCall:
+    def forward(self, d: PlanNode, examples: int, purpose: str = "forward") -> BatchedCall:
         """The node's forward over `examples` examples as one batched call."""
         p = self.prompt(d)
         if d.output_type == "text":
@@ -170,13 +177,13 @@ class _Sizes:
             return BatchedCall("score", purpose, d.backend, (d.name,), n, examples * p, examples)
         return BatchedCall("score", purpose, d.backend, (d.name,), n, n * p, examples * sum(tokens(len(c)) for c in d.choices))
 
-    def score_targets(self, d: NodeData, count: int, purpose: str, target_tokens: int) -> BatchedCall:
+    def score_targets(self, d: PlanNode, count: int, purpose: str, target_tokens: int) -> BatchedCall:
         """Scoring `count` targets under node `d` (all choices of each, for a choice node)."""
         per = 1 if d.output_type == "text" else len(d.choices)
         return BatchedCall("score", purpose, d.backend, (d.name,), count * per, count * per * self.prompt(d), count * per * target_tokens)
 
 
-def _needs_posterior(data: dict[str, NodeData], generations: list[tuple[str, ...]]) -> dict[str, bool]:
+def _needs_posterior(data: dict[str, PlanNode], generations: list[tuple[str, ...]]) -> dict[str, bool]:
     """Node -> whether it is a hidden layer whose targets a trainable node (itself or
     upstream) needs (one pass in topological order). The trainer reads this, never decides it."""
     upstream: dict[str, bool] = {}
@@ -190,7 +197,7 @@ def _needs_posterior(data: dict[str, NodeData], generations: list[tuple[str, ...
 
 
 def _backward_calls(
-    d: NodeData, needs: dict[str, bool], graph: nx.DiGraph, sizes: _Sizes, spec: Spec
+    d: PlanNode, needs: dict[str, bool], graph: nx.DiGraph, sizes: _Sizes, spec: Spec
 ) -> list[BatchedCall]:
     """The node's share of its backward stage, as the trainer makes it: posterior
     sampling (hidden text layers), scoring every candidate under the node itself and
@@ -248,7 +255,7 @@ def _merge(calls) -> tuple[BatchedCall, ...]:
 _ORDER = {"posterior_sampling": 0, "child_rescoring": 1, "prompt_proposals": 2, "candidate_scoring": 3}
 
 
-def _check_demonstrations(spec: Spec, data: dict[str, NodeData], unit: Unit) -> None:
+def _check_demonstrations(spec: Spec, data: dict[str, PlanNode], unit: Unit) -> None:
     """k demonstrations must exist in the train split (never dev or test)."""
     assert unit.source is not None and unit.profiles is not None
     train = unit.profiles.get("train")
@@ -272,7 +279,7 @@ def _check_demonstrations(spec: Spec, data: dict[str, NodeData], unit: Unit) -> 
         raise SpecError(problems)
 
 
-def _think(data: dict[str, NodeData], sizes: _Sizes, dev_rows: int) -> tuple[Stage, ...]:
+def _think(data: dict[str, PlanNode], sizes: _Sizes, dev_rows: int) -> tuple[Stage, ...]:
     thinkers = [(d, d.spec) for d in data.values() if isinstance(d.spec, DeepThinkingNode)]
     if not thinkers:
         return ()
@@ -296,25 +303,3 @@ def _dev_rows(spec: Spec, profiles: dict[str, FieldProfile]) -> int:
     if dev is None:
         return 0
     return min(spec.train.dev_size, dev.rows) if spec.train.dev_size else dev.rows
-
-
-def _plan_node(d: NodeData, graph: nx.DiGraph, spec: Spec, needs_posterior: bool) -> PlanNode:
-    return PlanNode(
-        name=d.name,
-        kind=d.kind,
-        backend=d.backend,
-        backend_kind=spec.backends[d.backend].kind,
-        output_type=d.output_type,
-        choices=d.choices,
-        parents=d.parents,
-        inputs=d.inputs,
-        children=tuple(sorted(graph.successors(d.name))),
-        trainable=d.trainable,
-        target=d.target,
-        spec=d.spec,
-        span=d.span,
-        demos=d.spec.demos.count if isinstance(d.spec, LayerNode) and d.spec.demos is not None else 0,
-        calibration=d.spec.calibration,
-        proposer=(spec.train.proposer or d.backend) if d.trainable or needs_posterior else "",
-        needs_posterior=needs_posterior,
-    )
