@@ -38,6 +38,7 @@ from dlngraph.runtime.template import render
 from dlngraph.runtime.trainer import Trainer
 
 from tests.scripted_backend import ScriptedBackend
+from tests.test_trainer import DAG_SPEC, write_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.yaml"))
 
@@ -160,6 +161,39 @@ def test_the_trainer_makes_exactly_the_calls_the_plan_lists(spec: Path) -> None:
         assert len(set(r.requests)) == len(r.requests), f"duplicate requests in {call}"
     # the nodes whose requests each call carried are the plan's
     assert [(m.stage, m.call, m.nodes) for m in trainer.made] == [(s, c, c.nodes) for s, c in planned_calls]
+
+
+VARIANTS = {
+    # proposals and posterior samples written by another backend, a trust region on text layers
+    "proposer-and-trust-region": (
+        "train: {",
+        "backends:\n  local: {kind: torch}\n  writer: {kind: litellm, model: openai/w, api_base: 'http://127.0.0.1:9/v1',"
+        " capabilities: [generate]}\ndefault_backend: local\ntrain: {proposer: writer, trust_region: 0.5, ",
+    ),
+    "one-candidate": ("prompt_proposals: 3", "prompt_proposals: 1"),  # N = 1: the plan lists no proposals
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_of_a_dag_make_exactly_the_planned_calls(variant: str, tmp_path: Path) -> None:
+    """The DAG with fan-out and fan-in of tests/test_trainer.py, changed in what the plan must follow."""
+    old, new = VARIANTS[variant]
+    assert old in DAG_SPEC
+    plan = compile_spec(write_spec(tmp_path, DAG_SPEC.replace(old, new)))
+    backends, log, _ = recording(plan)
+    trainer = Trainer(plan, backends, seed=1)
+    for recorder in backends.values():
+        recorder.trainer = trainer
+    trainer.step({}, batch_of(plan), list(range(plan.spec.train.batch_size)), iteration=1)
+    backward = [r for r in log if r.planned is not None]
+    assert [r.planned for r in backward] == [(s.index, c) for s in plan.backward for c in s.calls]
+    assert all((r.backend, r.op) == (r.planned[1].backend, r.planned[1].op) for r in backward)
+    assert all(len(r.requests) <= r.planned[1].requests for r in backward)
+    purposes = {c.purpose: c.backend for s in plan.backward for c in s.calls}
+    if variant == "one-candidate":
+        assert "prompt_proposals" not in purposes
+    else:
+        assert purposes["prompt_proposals"] == purposes["posterior_sampling"] == "writer"
 
 
 @dataclass
