@@ -30,7 +30,7 @@ import yaml
 
 from dlngraph.errors import DlngraphError, RuntimeFailure
 
-from dlngraph.compiler.ir import CapabilityResolver, TokenCounter
+from dlngraph.compiler.ir import CapabilityResolver
 from dlngraph.compiler.pipeline import compile_unit
 from dlngraph.compiler.plan import ExecutionPlan
 
@@ -53,24 +53,14 @@ def compile_spec(
     """Check the spec at `path` and build its plan; raises `SpecError` on any mistake.
     With `probe_timeout` (seconds), litellm endpoints the spec points at are asked
     what they support, every request within that time together."""
+    # The runtime's hooks for litellm backends (the module imports litellm only when one runs).
+    from dlngraph.runtime.backends.litellm_backend import probing_resolver, token_counter
+
     if capability_resolver is None and probe_timeout is not None:
         capability_resolver = probing_resolver(probe_timeout)
-    unit = compile_unit(path, capability_resolver=capability_resolver, token_counter=runtime_token_counter())
+    unit = compile_unit(path, capability_resolver=capability_resolver, token_counter=token_counter)
     assert unit.plan is not None
     return unit.plan
-
-
-def probing_resolver(timeout: float) -> CapabilityResolver:
-    # The runtime's prober, imported only when asked to probe (no litellm import here).
-    from dlngraph.runtime.backends.litellm_backend import probing_resolver as resolver
-
-    return resolver(timeout)
-
-
-def runtime_token_counter() -> TokenCounter:
-    from dlngraph.runtime.backends.litellm_backend import token_counter
-
-    return token_counter
 
 
 def load_plan(path: str | Path, *, capability_resolver: CapabilityResolver | None = None) -> ExecutionPlan:

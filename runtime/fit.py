@@ -86,7 +86,8 @@ class Fit:
     def start(cls, plan: ExecutionPlan, out: str | Path | None = None, **options: Any) -> "Fit":
         """A fit in a new run directory `out` (default runs/<name>-<time>); `options` are
         `open`'s and `Fit`'s keywords."""
-        return cls.open(plan, RunDir.create(Path(out) if out is not None else default_path(plan.name), plan), **options)
+        path = Path(out) if out is not None else default_path(plan.name)
+        return cls.open(plan, RunDir.create(path, plan), **options)
 
     @classmethod
     def resume(cls, run_dir: str | Path, plan: ExecutionPlan, **options: Any) -> "Fit":
