@@ -129,7 +129,9 @@ class Estimate:
     completion_tokens: int
 
     @classmethod
-    def of(cls, calls: list[BatchedCall] | tuple[BatchedCall, ...], times: int = 1) -> "Estimate":
+    def of(cls, stages: tuple[Stage, ...], times: int = 1) -> "Estimate":
+        """The calls of `stages`, made `times` times."""
+        calls = [c for s in stages for c in s.calls]
         return cls(
             calls=len(calls) * times,
             requests=sum(c.requests for c in calls) * times,
@@ -144,9 +146,6 @@ class Estimate:
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
         )
-
-    def times(self, k: int) -> "Estimate":
-        return Estimate(self.calls * k, self.requests * k, self.prompt_tokens * k, self.completion_tokens * k)
 
 
 @dataclass(frozen=True)
@@ -182,16 +181,16 @@ class ExecutionPlan:
 
     @property
     def estimate_per_iteration(self) -> Estimate:
-        return Estimate.of(_calls(self.forward)) + Estimate.of(_calls(self.backward))
+        return Estimate.of(self.forward + self.backward)
 
     def estimate(self, iterations: int | None = None) -> Estimate:
         """The whole fit's calls and tokens (the one place they are summed): the
         iterations (the spec's unless `iterations` is given), the dev evaluations and
         the one-time Deep-Thinking stage."""
         return (
-            self.estimate_per_iteration.times(self.iterations(iterations))
-            + Estimate.of(_calls(self.evaluation)).times(self.evaluations(iterations))
-            + Estimate.of(_calls(self.think))
+            Estimate.of(self.forward + self.backward, self.iterations(iterations))
+            + Estimate.of(self.evaluation, self.evaluations(iterations))
+            + Estimate.of(self.think)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,10 +222,6 @@ class ExecutionPlan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-
-def _calls(stages: tuple[Stage, ...]) -> list[BatchedCall]:
-    return [c for s in stages for c in s.calls]
 
 
 def _dataclass_dict(obj: Any) -> dict[str, Any]:
