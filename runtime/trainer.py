@@ -28,7 +28,7 @@ The loop around it (evaluation, checkpoints, resume) is `runtime/fit.py`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,7 +244,7 @@ class Trainer:
         stage: Stage,
         purpose: str,
         deferred: Mapping[Any, Deferred[Any]],
-        by: Any = lambda key: key,
+        by: Callable[[Any], str] = lambda key: key,
     ) -> dict[Any, Any]:
         """Make the stage's calls of `purpose`, as the plan lists them: each call sends the
         requests of the `deferred` whose node (`by(key)`) it lists. A deferred that no call
@@ -267,27 +267,22 @@ class Trainer:
     ) -> list[Any]:
         """The plan's `call`: every request of `deferred` (of `nodes`) in ONE backend call,
         identical requests sent once; answers go back to each deferred in order."""
-        unique: dict[tuple[str, str], dict[Any, int]] = {}
+        unique: dict[Any, int] = {}
         for d in deferred:
             if (d.backend, d.op) != (call.backend, call.op):
                 raise PlanMismatch(f"{d.op} on {d.backend} is not the plan's {call.op} on {call.backend} ({call.purpose})")
-            seen = unique.setdefault((d.backend, d.op), {})
             for request in d.requests:
-                seen.setdefault(request, len(seen))
-        if not any(unique.values()):
+                unique.setdefault(request, len(unique))
+        if not unique:
             raise PlanMismatch(f"backward stage {stage.index}: the plan's {call.purpose} call has nothing to send")
-        answers: dict[tuple[str, str], list[Any]] = {}
+        self.events.call(call.purpose, len(unique))
         self.current = (stage.index, call)
         try:
-            for (backend, op), requests in sorted(unique.items()):
-                self.events.call(call.purpose, len(requests))
-                answers[(backend, op)] = getattr(self.backends[backend], op)(list(requests))
+            answers = getattr(self.backends[call.backend], call.op)(list(unique))
         finally:
             self.current = None
-        self.made.append(MadeCall(stage.index, call, nodes, sum(len(r) for r in unique.values())))
-        return [
-            d.decode([answers[(d.backend, d.op)][unique[(d.backend, d.op)][r]] for r in d.requests]) for d in deferred
-        ]
+        self.made.append(MadeCall(stage.index, call, nodes, len(unique)))
+        return [d.decode([answers[unique[r]] for r in d.requests]) for d in deferred]
 
     # ------------------------------------------------------------------ helpers
 
