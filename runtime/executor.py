@@ -21,10 +21,8 @@ from pathlib import Path
 from dlngraph.compiler.plan import ExecutionPlan, Stage
 from dlngraph.errors import DlngraphError, RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
-from dlngraph.runtime import demos
 from dlngraph.runtime.layers import bind
 from dlngraph.runtime.layers.base import ForwardRecord, Layer, Params, Row
-from dlngraph.spec import LayerNode
 
 
 @dataclass
@@ -72,22 +70,15 @@ class Executor:
             )
 
     def params_of(self, name: str) -> Params:
-        """A node's parameters: given ones, else the spec's prompt, demonstrations
-        (its fixed examples, or a balanced draw from train seeded by the spec's
-        train seed, as the fit starts from) and fitted prior, each overridable.
-        A Deep-Thinking node has none (its K/V state answers)."""
+        """A node's parameters: given ones, else its layer's (the spec's, with
+        demonstrations drawn by the spec's train seed, as the fit starts from), each part
+        overridable by a checkpoint's prompt, demonstrations and fitted prior."""
         if name in self.params:
             return self.params[name]
-        spec = self.plan.nodes[name].spec
-        if not isinstance(spec, LayerNode):
-            return Params("")
-        shown = self.demos.get(name)
-        if shown is None:
-            shown = demos.initial(self.plan, name, self.plan.spec.train.seed)
-        bias = self.calibration.get(name)
-        if bias is None and spec.calibration_bias is not None:
-            bias = tuple(sorted(spec.calibration_bias.items()))
-        return Params(self.prompts.get(name, spec.prompt), shown, bias)
+        spec = self.layer(name).params(self.plan.spec.train.seed)
+        return Params(
+            self.prompts.get(name, spec.prompt), self.demos.get(name, spec.demos), self.calibration.get(name, spec.bias)
+        )
 
     def layer(self, name: str) -> Layer:
         """Node `name`'s layer: a given one, else bound once from the registry."""

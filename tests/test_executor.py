@@ -43,7 +43,7 @@ def sentiment_plan(build_plan: Callable[..., ExecutionPlan]) -> ExecutionPlan:
 def test_choice_node_classifies_obvious_sentiment(torch_backend: Backend, sentiment_plan: ExecutionPlan) -> None:
     plan = sentiment_plan
     rows = [{"input": x} for x, _ in EXAMPLES]
-    record = ChoiceLayer(plan.nodes["sentiment"], torch_backend).forward(rows, Params(INSTRUCTION))
+    record = ChoiceLayer(plan, "sentiment", torch_backend).forward(rows, Params(INSTRUCTION))
     assert record.outputs == [y for _, y in EXAMPLES]
     assert record.rendered[0].startswith(INSTRUCTION) and EXAMPLES[0][0] in record.rendered[0]
     for logprobs in record.choice_logprobs or []:
@@ -58,7 +58,7 @@ def test_candidate_scoring_is_one_backend_call(
     candidates = [Params(INSTRUCTION), Params("Say whether the review is positive or negative.")]
     items = [(p, row, y) for p in candidates for row, (_, y) in zip(rows, EXAMPLES)]
     backend = CachedBackend(torch_backend, response_cache)
-    layer = ChoiceLayer(plan.nodes["sentiment"], backend)
+    layer = ChoiceLayer(plan, "sentiment", backend)
     values = [s.logprob for s in run_now(layer.target_scores(items), backend)]
     assert backend.usage.calls == 1 and backend.usage.requests == len(items) * 2
     forward = layer.forward(rows, candidates[1])
@@ -81,7 +81,7 @@ def test_text_target_logprobs_prefers_the_likely_text(
     )
     row = {"input": "France"}
     calls = torch_backend.usage.calls
-    scoring = TextLayer(plan.nodes["capital"], torch_backend).target_scores(
+    scoring = TextLayer(plan, "capital", torch_backend).target_scores(
         [(Params("The capital of"), row, "Paris"), (Params("The capital of"), row, "Banana")]
     )
     good, bad = [s.logprob for s in run_now(scoring, torch_backend)]

@@ -94,7 +94,7 @@ def test_batch_calibration_in_scoring_matches_a_hand_computation(tmp_path: Path)
     backend = ScriptedBackend(logprobs=logprobs)
     params = Params("Classify.")
     rows = [{"input": "a"}, {"input": "b"}]
-    layer = ChoiceLayer(plan.nodes["answer"], backend)
+    layer = ChoiceLayer(plan, "answer", backend)
     got = run_now(layer.distributions([(params, r) for r in rows]), backend)
     bias_no = (math.log(0.9) + math.log(0.6)) / 2
     bias_yes = (math.log(0.1) + math.log(0.4)) / 2
@@ -112,7 +112,7 @@ def test_batch_calibration_in_scoring_matches_a_hand_computation(tmp_path: Path)
 def test_contextual_calibration_scores_the_content_free_inputs_in_the_same_call(tmp_path: Path) -> None:
     plan = compile_spec(write_task(tmp_path, SPEC.replace("calibration: batch", "calibration: contextual")))
     backend = ScriptedBackend()
-    run_now(ChoiceLayer(plan.nodes["answer"], backend).distributions([(Params("Classify."), {"input": "a"})]), backend)
+    run_now(ChoiceLayer(plan, "answer", backend).distributions([(Params("Classify."), {"input": "a"})]), backend)
     (op, requests), = backend.log
     assert len(requests) == (1 + 3) * 2  # the row and "N/A", "", "[MASK]", each with both choices
     assert {r.prompt.split("\n")[0] for r in requests[2:]} == {"N/A", "", "[MASK]"}

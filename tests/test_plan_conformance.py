@@ -102,6 +102,9 @@ class ScriptedThinking:
 
         return Deferred(self.node.backend, "score", requests, decode)
 
+    def params(self, seed: int) -> Params:
+        return Params("")
+
     def forward(self, rows: list[Row], params: Params | None = None, *, seed: int = 0) -> ForwardRecord:
         scored = run_now(self.distributions(rows), self.backend)
         outputs = [max(self.choices, key=lp.__getitem__) for lp in scored]

@@ -1,8 +1,8 @@
 """The one registry of layer kinds, used by the executor and the trainer alike.
 
-`LAYERS[node.layer_key]` is the factory of the node's layer (runtime/layers/base.py
-`Layer`): `(plan, name, backend, run_dir) -> Layer`. Deep-Thinking needs torch, so
-its module is imported only when a spec has such a node.
+`LAYERS[node.layer_key]` makes the node's layer (runtime/layers/base.py `Layer`):
+`(plan, name, backend, run_dir) -> Layer`. Deep-Thinking needs torch, so its
+module is imported only when a spec has such a node.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _deep_thinking(plan: ExecutionPlan, name: str, backend: Backend, run_dir: Pa
 
 
 LAYERS: dict[tuple[NodeKind, str], LayerFactory] = {
-    (NodeKind.LAYER, "choice"): ChoiceLayer.from_plan,
-    (NodeKind.LAYER, "text"): TextLayer.from_plan,
+    (NodeKind.LAYER, "choice"): ChoiceLayer,
+    (NodeKind.LAYER, "text"): TextLayer,
     (NodeKind.DEEP_THINKING, "choice"): _deep_thinking,
 }
 

@@ -1,7 +1,8 @@
 """The one layer protocol: what every node kind implements, and what it returns.
 
 A layer (text, choice, deep_thinking) is bound to one plan node and its
-backend and owns both halves side by side, as micrograd's ops do: `forward`
+backend and owns its parameters (`params`: the spec's, before any fit) and
+both halves side by side, as micrograd's ops do: `forward`
 renders and runs the node over a batch in ONE backend call and returns a
 `ForwardRecord` holding what the backward half needs; `target_scores` is the
 backward's request list (a `Deferred`, so the trainer merges every node of a
@@ -64,6 +65,10 @@ class Layer(Protocol):
     """One node kind, bound to its plan node (see the module docstring)."""
 
     node: PlanNode
+
+    def params(self, seed: int) -> Params:
+        """The node's parameters before any fit (the spec's; `seed` draws demonstrations)."""
+        ...
 
     def forward(self, rows: list[Row], params: Params, *, seed: int = 0) -> ForwardRecord: ...
 

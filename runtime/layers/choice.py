@@ -20,30 +20,26 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dlngraph.compiler.plan import ExecutionPlan, PlanNode
+from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime import calibration, demos
+from dlngraph.runtime import calibration
 from dlngraph.runtime.backends.base import Backend, Score
 from dlngraph.runtime.backward import Deferred, TargetScore, run_now
 from dlngraph.runtime.layers.base import ForwardRecord, Params, Posterior, Row
-from dlngraph.runtime.template import render, score_request
-from dlngraph.spec import ChoiceOutput, LayerNode
+from dlngraph.runtime.layers.prompted import PromptedLayer
+from dlngraph.runtime.template import score_request
+from dlngraph.spec import ChoiceOutput
 
 
-class ChoiceLayer:
-    def __init__(self, node: PlanNode, backend: Backend) -> None:
-        assert isinstance(node.spec, LayerNode) and isinstance(node.spec.output, ChoiceOutput), node.name
-        self.node, self.spec, self.backend = node, node.spec, backend
-        self.choices = list(node.spec.output.choices)
-
-    @classmethod
-    def from_plan(cls, plan: ExecutionPlan, name: str, backend: Backend, run_dir: Path | None = None) -> "ChoiceLayer":
-        return cls(plan.nodes[name], backend)
+class ChoiceLayer(PromptedLayer):
+    def __init__(self, plan: ExecutionPlan, name: str, backend: Backend, run_dir: Path | None = None) -> None:
+        super().__init__(plan, name, backend)
+        assert isinstance(self.spec.output, ChoiceOutput), name
+        self.choices = list(self.spec.output.choices)
 
     def forward(self, rows: list[Row], params: Params, *, seed: int = 0) -> ForwardRecord:
         started = time.perf_counter()
-        shown = demos.text_of(self.spec, params.demos, node=self.node.name)
-        rendered = [render(self.spec.template, params.prompt, row, node=self.node.name, demos=shown) for row in rows]
+        rendered = [self.render(params, row) for row in rows]
         priors: dict[Params, dict[str, float] | None] = {}
         scored = run_now(self.distributions([(params, row) for row in rows], priors), self.backend)
         # max() keeps the first of tied choices, so ties break by the spec's order.
@@ -76,9 +72,7 @@ class ChoiceLayer:
         free = calibration.content_free_rows(node.inputs + node.parents) if method == "contextual" else []
         extra = [(p, row) for p in distinct if p.bias is None for row in free]
         requests = [
-            score_request(
-                spec.template, p.prompt, row, choice, node=node.name, demos=demos.text_of(spec, p.demos, node=node.name)
-            )
+            score_request(spec.template, p.prompt, row, choice, node=node.name, demos=self.demos_text(p))
             for p, row in [*pairs, *extra]
             for choice in choices
         ]

@@ -440,6 +440,10 @@ class DeepThinkingLayer:
                 hint="the dataset's labels must be spelled exactly like the node's choices",
             )
 
+    def params(self, seed: int) -> Params:
+        """Nothing to learn by prompt: the K/V state answers (the layer protocol's parameters)."""
+        return Params("")
+
     def forward(self, rows: list[Row], params: Params | None = None, *, seed: int = 0) -> ForwardRecord:
         # (the layer protocol's signature: a Deep-Thinking node has no prompt, its K/V state answers)
         started = time.perf_counter()

@@ -12,27 +12,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dlngraph.compiler.plan import ExecutionPlan, PlanNode
-from dlngraph.runtime import demos
+from dlngraph.compiler.plan import ExecutionPlan
 from dlngraph.runtime.backends.base import Backend, GenerateRequest, Generation
 from dlngraph.runtime.backward import Deferred, TargetScore, render_meta, shown_input, stable_seed
 from dlngraph.runtime.layers.base import ForwardRecord, Params, Posterior, Row
-from dlngraph.runtime.template import render, score_request
-from dlngraph.spec import LayerNode, TextOutput
+from dlngraph.runtime.layers.prompted import PromptedLayer
+from dlngraph.runtime.template import score_request
+from dlngraph.spec import TextOutput
 
 
-class TextLayer:
-    def __init__(self, node: PlanNode, backend: Backend) -> None:
-        assert isinstance(node.spec, LayerNode) and isinstance(node.spec.output, TextOutput), node.name
-        self.node, self.spec, self.output, self.backend = node, node.spec, node.spec.output, backend
-
-    @classmethod
-    def from_plan(cls, plan: ExecutionPlan, name: str, backend: Backend, run_dir: Path | None = None) -> "TextLayer":
-        return cls(plan.nodes[name], backend)
-
-    def render(self, params: Params, row: Row) -> str:
-        shown = demos.text_of(self.spec, params.demos, node=self.node.name)
-        return render(self.spec.template, params.prompt, row, node=self.node.name, demos=shown)
+class TextLayer(PromptedLayer):
+    def __init__(self, plan: ExecutionPlan, name: str, backend: Backend, run_dir: Path | None = None) -> None:
+        super().__init__(plan, name, backend)
+        assert isinstance(self.spec.output, TextOutput), name
+        self.output = self.spec.output
 
     def forward(self, rows: list[Row], params: Params, *, seed: int = 0) -> ForwardRecord:
         started = time.perf_counter()
@@ -64,10 +57,9 @@ class TextLayer:
         """Mean token log-prob of each (params, row, target text) followed by the output's
         first stop sequence, i.e. of the whole generation including its end. So an empty
         target (end-of-text first) is a scored outcome, not a free log-prob of 0."""
-        spec, name = self.spec, self.node.name
         end = self.output.stop[0] if self.output.stop else ""
         requests = [
-            score_request(spec.template, p.prompt, row, target + end, node=name, demos=demos.text_of(spec, p.demos, node=name))
+            score_request(self.spec.template, p.prompt, row, target + end, node=self.node.name, demos=self.demos_text(p))
             for p, row, target in items
         ]
         return Deferred(self.node.backend, "score", requests, lambda scores: [TargetScore(s.mean) for s in scores])
