@@ -62,13 +62,11 @@ class PlanMismatch(AssertionError):
 
 @dataclass(frozen=True)
 class MadeCall:
-    """One backend call the backward pass made: the plan's call, the nodes whose requests
-    it carried and how many requests were sent (identical ones once)."""
+    """One backend call the backward pass made: the plan's call and the nodes whose requests it carried."""
 
     stage: int
     call: BatchedCall
     nodes: tuple[str, ...]
-    requests: int
 
 
 class Events:
@@ -281,7 +279,7 @@ class Trainer:
             answers = getattr(self.backends[call.backend], call.op)(list(unique))
         finally:
             self.current = None
-        self.made.append(MadeCall(stage.index, call, nodes, len(unique)))
+        self.made.append(MadeCall(stage.index, call, nodes))
         return [d.decode([answers[unique[r]] for r in d.requests]) for d in deferred]
 
     # ------------------------------------------------------------------ helpers
