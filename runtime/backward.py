@@ -125,10 +125,7 @@ class Attempt:
     input: str
     output: str
     target: str
-
-    @property
-    def correct(self) -> bool:
-        return self.output.strip() == self.target.strip()
+    correct: bool  # by the spec's `metric`
 
 
 def meta_sample(attempts: Sequence[Attempt], count: int, rng: random.Random) -> tuple[list[Attempt], list[Attempt]]:

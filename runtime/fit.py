@@ -27,7 +27,6 @@ from typing import Any
 
 from dlngraph.compiler.plan import ExecutionPlan, NodeKind
 from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime import demos
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime.backends.registry import open_backends
 from dlngraph.runtime.backward import rng_for
@@ -210,9 +209,8 @@ class Fit:
         seed) evaluated on dev; they are the first best."""
         started, before = time.perf_counter(), self.usage()
         assert self.trainer is not None
-        params = self.calibrate(
-            {n: Params(self.plan.spec.nodes[n].prompt, demos.initial(self.plan, n, self.seed)) for n in self.trainer.parameters()}  # type: ignore[union-attr]
-        )
+        # The prior is estimated again from the fit's own calibration inputs, like every later one.
+        params = self.calibrate({n: self.trainer.layers[n].params(self.seed).uncalibrated() for n in self.trainer.parameters()})
         dev = self.evaluate(params, dev_set)
         self.run_dir.write_predictions("initial", dev.predictions)
         best = _learned(params, iteration=0, dev_acc=dev.score, dev_loglik=dev.loglik)
@@ -288,18 +286,19 @@ class Fit:
             for n, p in params.items()
             if p.bias is None
             and self.plan.nodes[n].output_type == "choice"
-            and self.plan.spec.nodes[n].calibration != "none"  # type: ignore[union-attr]
+            and self.plan.nodes[n].calibration != "none"
         ]
         if not stale or not self.calibration_set:
             return params
         assert self.trainer is not None
-        batch = any(self.plan.spec.nodes[n].calibration == "batch" for n in stale)  # type: ignore[union-attr]
+        batch = any(self.plan.nodes[n].calibration == "batch" for n in stale)
         rows = self.calibration_set if batch else self.calibration_set[:1]
         records = self.trainer.executor(params).run(rows).records
         out = dict(params)
         for n in stale:
-            prior = records[n].extra.get("bias") or {}
-            out[n] = Params(params[n].prompt, params[n].demos, tuple(sorted(prior.items())))  # type: ignore[union-attr]
+            prior = records[n].extra.get("bias")
+            assert isinstance(prior, dict), f"the choice layer {n} reports the prior it applied"
+            out[n] = Params(params[n].prompt, params[n].demos, tuple(sorted(prior.items())))
         return out
 
     def state(

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from dlngraph.compiler.plan import Stage
-from dlngraph.runtime import demos
+from dlngraph.runtime import demos, metrics
 from dlngraph.runtime.backward import (
     Selection,
     filter_proposals,
@@ -153,7 +153,8 @@ class DLNSearch:
             return []
         shown = self.batch_demos(trainer, name, state)
         outputs = state.result.records[name].outputs
-        correct = [d for d, out, t in zip(shown, outputs, state.targets[name]) if out.strip() == t.strip()]
+        metric = trainer.plan.spec.metric
+        correct = [d for d, out, t in zip(shown, outputs, state.targets[name]) if metrics.is_correct(metric, out, t)]
         out = []
         for j in range(trainer.train.demo_candidates):
             move = DEMO_MOVES[j % len(DEMO_MOVES)]

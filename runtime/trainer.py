@@ -294,9 +294,9 @@ class Trainer:
         return [c for c in self.plan.nodes[name].children if self.plan.nodes[c].has_targets]
 
     def attempts(self, name: str, state: Pass) -> list[Attempt]:
-        template = self.plan.nodes[name].spec.template
+        template, metric = self.plan.nodes[name].spec.template, self.plan.spec.metric
         return [
-            Attempt(shown_input(template, row, node=name), output, target)
+            Attempt(shown_input(template, row, node=name), output, target, metrics.is_correct(metric, output, target))
             for row, output, target in zip(state.rows[name], state.result.records[name].outputs, state.targets[name])
         ]
 

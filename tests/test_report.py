@@ -13,7 +13,7 @@ import yaml
 
 from dlngraph.cli import main
 from dlngraph.report import load_run, render_page, write_report
-from dlngraph.report.diagram import layout
+from dlngraph.report.diagram import layout, network_svg
 from dlngraph.report.worddiff import word_diff
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
@@ -128,6 +128,11 @@ def test_layout_puts_inputs_stages_and_targets_in_columns() -> None:
     assert columns == {"in:input": 0, "node:reason": 1, "node:answer": 2, "out:target": 3}
     assert ("node:reason", "node:answer") in edges and ("node:answer", "out:target") in edges
     assert edges == sorted(edges)
+
+
+def test_a_plan_without_nodes_draws_an_empty_diagram() -> None:
+    assert layout({"nodes": {}, "forward": []}) == ([], [])
+    assert "no nodes" in network_svg({"nodes": {}, "forward": []})
 
 
 def test_report_of_fabricated_run_has_every_section(tmp_path: Path) -> None:

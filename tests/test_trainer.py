@@ -32,7 +32,9 @@ from dlngraph.runtime.backward import (
 )
 from dlngraph.runtime.rundir import RunDir
 from dlngraph.runtime.fit import Fit
-from dlngraph.runtime.trainer import Trainer
+from dlngraph.runtime.executor import RunResult
+from dlngraph.runtime.layers.base import ForwardRecord
+from dlngraph.runtime.trainer import Pass, Trainer
 
 from tests.scripted_backend import ScriptedBackend, hashed_text
 
@@ -45,8 +47,8 @@ def test_proposal_meta_prompt_shows_prompt_successes_and_failures():
     text = render_meta(
         "proposal.jinja",
         prompt="Classify the review.",
-        successes=[Attempt("great film", "positive", "positive")],
-        failures=[Attempt("dull plot", "positive", "negative")],
+        successes=[Attempt("great film", "positive", "positive", True)],
+        failures=[Attempt("dull plot", "positive", "negative", False)],
         directive="Shorten it.",
     )
     assert "> Classify the review." in text and "Shorten it. Write only the new instruction" in text
@@ -57,13 +59,13 @@ def test_proposal_meta_prompt_shows_prompt_successes_and_failures():
 
 
 def test_proposal_meta_prompt_without_failures_has_no_error_section():
-    text = render_meta("proposal.jinja", prompt="p", successes=[Attempt("a", "x", "x")], failures=[], directive="d")
+    text = render_meta("proposal.jinja", prompt="p", successes=[Attempt("a", "x", "x", True)], failures=[], directive="d")
     assert "got wrong" not in text and "got right" in text
 
 
 def test_each_proposal_asks_for_the_next_directive_and_copies_are_dropped():
     train = TrainSpec(prompt_proposals=4, proposal_directives=["Shorten it.", "Clarify it."])
-    deferred = proposal_requests("b", "Classify.", [Attempt("x", "no", "yes")], train, random.Random(0), seed=1)
+    deferred = proposal_requests("b", "Classify.", [Attempt("x", "no", "yes", False)], train, random.Random(0), seed=1)
     asked = [next(d for d in train.proposal_directives if d in r.prompt) for r in deferred.requests]
     assert asked == ["Shorten it.", "Clarify it.", "Shorten it."]
     assert len({r.seed for r in deferred.requests}) == 3  # same directive, different sample
@@ -90,11 +92,11 @@ def test_posterior_meta_prompt_lists_every_child_target():
 
 
 def test_meta_sample_gives_failures_at_least_half_and_respects_count():
-    attempts = [Attempt(f"s{i}", "y", "y") for i in range(6)] + [Attempt(f"f{i}", "n", "y") for i in range(6)]
+    attempts = [Attempt(f"s{i}", "y", "y", True) for i in range(6)] + [Attempt(f"f{i}", "n", "y", False) for i in range(6)]
     successes, failures = meta_sample(attempts, 5, random.Random(0))
     assert (len(successes), len(failures)) == (2, 3)
     assert all(a.correct for a in successes) and not any(a.correct for a in failures)
-    only_right = [Attempt("a", "y", "y")] * 3
+    only_right = [Attempt("a", "y", "y", True)] * 3
     assert meta_sample(only_right, 5, random.Random(0)) == (only_right, [])
 
 
@@ -339,3 +341,16 @@ def test_an_untrained_hidden_node_still_passes_feedback_upstream(tmp_path):
     result = trainer.step({"a": "A-prompt", "c": "C-prompt", "d": "D-prompt"}, examples, [0, 1, 2], iteration=1)
     assert set(result.prompts) == {"a", "c", "d"} and "b" not in result.loss
     assert {r["node"] for r in result.posteriors} == {"a", "b", "c"}  # b's targets feed a's posterior
+
+
+@pytest.mark.parametrize("metric, correct", [("accuracy", [False, True]), ("exact_match", [True, True])])
+def test_meta_prompt_successes_follow_the_spec_metric(tmp_path, metric, correct):
+    """An answer differing from its target only in case and punctuation is a success
+    under exact_match (as the evaluation counts it), a failure under accuracy."""
+    text = DAG_SPEC.replace("outputs: {d: label}", f"outputs: {{d: label}}\nmetric: {metric}")
+    plan = compile_spec(write_spec(tmp_path, text))
+    trainer = Trainer(plan, {"local": ScriptedBackend()}, seed=1)
+    record = ForwardRecord(node="d", prompt="p", rendered=["", ""], outputs=["Yes.", "no"])
+    rows = [{"b": "x", "c": "y"}] * 2
+    state = Pass([{}, {}], [0, 1], RunResult(records={"d": record}), {"d": rows}, {"d": ["yes", "no"]})
+    assert [a.correct for a in trainer.attempts("d", state)] == correct

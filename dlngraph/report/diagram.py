@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from dlngraph.compiler.plan import NodeKind
+
 BOX_W, BOX_H = 150, 46
 COL_GAP, ROW_GAP, MARGIN = 70, 26, 16
 
@@ -75,7 +77,7 @@ def _box(key: str, col: int, row: int, nodes: dict[str, Any]) -> Box:
         return Box(key, name, "target", "target", col, row)
     node = nodes[name]
     detail = node.get("output_type", "")
-    if node.get("kind") == "deep_thinking":
+    if node.get("kind") == NodeKind.DEEP_THINKING:
         detail = "deep thinking"
     role = "output" if node.get("target") else "hidden"
     return Box(key, name, f"{detail} · {node.get('backend', '')}", role, col, row)
@@ -83,6 +85,8 @@ def _box(key: str, col: int, row: int, nodes: dict[str, Any]) -> Box:
 
 def layout(plan: dict[str, Any]) -> tuple[list[Box], list[tuple[str, str]]]:
     columns, edges = _columns(plan)
+    if not columns:  # a plan.json with no nodes (a damaged run): nothing to draw
+        return [], []
     columns = _order(columns, edges)
     height = max(len(c) for c in columns)
     boxes = []
@@ -102,6 +106,8 @@ def _edge_path(a: Box, b: Box) -> str:
 def network_svg(plan: dict[str, Any]) -> str:
     """An <svg> element drawing the plan's DAG, left (inputs) to right (targets)."""
     boxes, edges = layout(plan)
+    if not boxes:
+        return '<svg class="network" role="img" aria-label="network diagram: no nodes" width="0" height="0"></svg>'
     by_key = {b.key: b for b in boxes}
     width = max(b.x for b in boxes) + BOX_W + MARGIN
     height = max(b.y for b in boxes) + BOX_H + MARGIN
