@@ -1,6 +1,7 @@
 """Writing files so that nothing is lost and nothing is overwritten by mistake.
 
-Every JSON, JSONL and YAML file dlngraph writes goes through `write_atomic`:
+Every JSON, JSONL and YAML file and Deep-Thinking state dlngraph writes goes
+through `write_atomic`:
 a temporary file in the target's directory, flushed and fsynced, renamed over
 the target, then the directory fsynced, so a crash (even SIGKILL or a power
 cut) leaves the old file or the new one, never half of one. Logs that grow
@@ -89,8 +90,9 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` (parents created) so that a crash leaves the old file or the new one."""
+def write_atomic(path: str | Path, content: str | bytes) -> Path:
+    """Write `content` (text as UTF-8) to `path` (parents created) so that a crash leaves the old
+    file or the new one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +100,8 @@ def write_atomic(path: str | Path, text: str) -> Path:
     except OSError as exc:
         raise RuntimeFailure(f"cannot write {path}: {exc.strerror}", hint="check the directory exists and is writable") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _mode(path))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import cache as memoize
 from pathlib import Path
@@ -23,10 +21,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from transformers import DynamicCache
 
 from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime.files import write_atomic
 
 FORMAT = "dlngraph-deep-thinking/1"
 
@@ -125,15 +124,7 @@ class KVState:
         """Write atomically: a reader never sees half a state."""
         tensors = {f"k.{i}": k.contiguous().cpu() for i, k in enumerate(self.keys)}
         tensors.update({f"v.{i}": v.contiguous().cpu() for i, v in enumerate(self.values)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": FORMAT, **self.meta.to_strings()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, save(tensors, metadata={"format": FORMAT, **self.meta.to_strings()}))
 
     @classmethod
     def load(cls, path: Path) -> "KVState":
