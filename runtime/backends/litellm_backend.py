@@ -24,7 +24,7 @@ one request per distinct prompt.
 The API key is read from the environment variable the spec names when a call
 is made; it is never stored in the spec, the cache, logs or the run directory.
 
-`probe_backend`, `probing_resolver` and `token_counter` are the hooks the
+`probing_resolver` and `token_counter` are the hooks the
 compiler uses for litellm backends (probing only when asked); the checks
 themselves are in `probe`, which does not import this module.
 """
@@ -484,12 +484,10 @@ def prober(model: str, api_base: str, api_key_env: str | None, deadline: float) 
     return LiteLLMBackend(spec, deadline=deadline)
 
 
-def probe_backend(spec: LiteLLMBackendSpec, *, timeout: float | None = None) -> frozenset[Capability]:
-    """What the endpoints of `spec` support, every request within `timeout` seconds
-    together (default: the spec's own `timeout`)."""
+def probe_backend(spec: LiteLLMBackendSpec) -> frozenset[Capability]:
+    """What the endpoints of `spec` support, every request within the spec's `timeout` together."""
     import_litellm()  # seconds on a loaded machine, and not time spent waiting for the endpoint
-    deadline = time.monotonic() + (spec.timeout if timeout is None else timeout)
-    return probe.probe_endpoints(spec, prober, deadline=deadline)
+    return probe.probe_endpoints(spec, prober, deadline=time.monotonic() + spec.timeout)
 
 
 def probe_endpoint(model: str, api_base: str, api_key_env: str | None, *, timeout: float = 30.0) -> probe.Probe:
