@@ -12,7 +12,7 @@ Everything here is immutable and serializes to stable, sorted JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -140,12 +140,7 @@ class Estimate:
         )
 
     def __add__(self, other: "Estimate") -> "Estimate":
-        return Estimate(
-            calls=self.calls + other.calls,
-            requests=self.requests + other.requests,
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-        )
+        return Estimate(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass(frozen=True)
