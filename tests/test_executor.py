@@ -64,7 +64,7 @@ def test_candidate_scoring_is_one_backend_call(
     forward = layer.forward(rows, candidates[1])
     assert backend.usage.calls == 1  # every request was already answered
     assert values[3:] == pytest.approx([lp[y] for lp, (_, y) in zip(forward.choice_logprobs or [], EXAMPLES)])
-    with pytest.raises(RuntimeFailure, match="not one of the choices"):
+    with pytest.raises(RuntimeFailure, match="'neutral' are not among the choices"):
         layer.target_scores([(Params(INSTRUCTION), rows[0], "neutral")])
 
 

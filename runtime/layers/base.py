@@ -13,11 +13,12 @@ state is `Params` (instruction, demonstrations, fitted label prior).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from dlngraph.compiler.plan import PlanNode
+from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime.backward import Deferred, TargetScore
 from dlngraph.spec import TrainSpec
 
@@ -34,6 +35,17 @@ class ForwardRecord:
     choice_logprobs: list[dict[str, float]] | None = None
     seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+def check_targets(targets: Iterable[str], choices: Sequence[str], node: str) -> None:
+    """A choice node can only score targets that are among its choices."""
+    unknown = sorted(set(targets) - set(choices))
+    if unknown:
+        raise RuntimeFailure(
+            f"target(s) {', '.join(map(repr, unknown))} are not among the choices {list(choices)}",
+            node=node,
+            hint="the dataset's labels must be spelled exactly like the node's choices",
+        )
 
 
 Demo = tuple[tuple[str, str], ...]  # one demonstration: sorted (field, value) pairs, the target as "label"

@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dlngraph.compiler.plan import ExecutionPlan
-from dlngraph.errors import RuntimeFailure
 from dlngraph.runtime import calibration
 from dlngraph.runtime.backends.base import Backend, Score
 from dlngraph.runtime.backward import Deferred, TargetScore, run_now
-from dlngraph.runtime.layers.base import ForwardRecord, Params, Posterior, Row
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Posterior, Row, check_targets
 from dlngraph.runtime.layers.prompted import PromptedLayer
 from dlngraph.runtime.template import score_request
 from dlngraph.spec import ChoiceOutput
@@ -68,28 +67,28 @@ class ChoiceLayer(PromptedLayer):
         node, spec, choices = self.node, self.spec, self.choices
         method = spec.calibration
         distinct = list(dict.fromkeys(p for p, _ in pairs))
-        # Content-free rows go after the real ones, per Params that has no fitted prior.
+        # Content-free rows go after the real ones, per Params that has no fitted prior
+        # (unless the rows are the content-free ones: the fit's contextual calibration call).
         free = calibration.content_free_rows(node.inputs + node.parents) if method == "contextual" else []
-        extra = [(p, row) for p in distinct if p.bias is None for row in free]
+        extra = [(p, row) for p in distinct if p.bias is None for row in free if (p, row) not in pairs]
+        every = [*pairs, *extra]
         requests = [
             score_request(spec.template, p.prompt, row, choice, node=node.name, demos=self.demos_text(p))
-            for p, row in [*pairs, *extra]
+            for p, row in every
             for choice in choices
         ]
         priors = {} if priors is None else priors
 
         def decode(scores: list[Score]) -> list[dict[str, float]]:
             raw = calibration.normalized([s.total for s in scores], choices)
-            own, free_scored = raw[: len(pairs)], raw[len(pairs) :]
+            own = raw[: len(pairs)]
             if method == "none":
                 return own
-            at = 0
             for p in distinct:
                 if p.bias is not None:
                     priors[p] = p.bias_dict()
                 elif method == "contextual":
-                    priors[p] = calibration.estimate(free_scored[at : at + len(free)])
-                    at += len(free)
+                    priors[p] = calibration.estimate([raw[every.index((p, row))] for row in free])
                 else:
                     priors[p] = calibration.estimate([d for (q, _), d in zip(pairs, own) if q == p])
             return [calibration.apply(d, priors[p] or {}) for (p, _), d in zip(pairs, own)]
@@ -99,13 +98,7 @@ class ChoiceLayer(PromptedLayer):
     def target_scores(self, items: Sequence[tuple[Params, Row, str]]) -> Deferred[list[TargetScore]]:
         """How likely each (params, row, target) is: the target's class-normalized
         (calibrated) log-prob, with the whole distribution (for trust-region KL and wrong answers)."""
-        unknown = sorted({target for _, _, target in items} - set(self.choices))
-        if unknown:
-            raise RuntimeFailure(
-                f"target {unknown[0]!r} is not one of the choices {sorted(self.choices)}",
-                node=self.node.name,
-                hint="the dataset's labels must be spelled exactly like the node's choices",
-            )
+        check_targets((target for _, _, target in items), self.choices, self.node.name)
         inner = self.distributions([(params, row) for params, row, _ in items])
 
         def decode(scores: list[Score]) -> list[TargetScore]:

@@ -90,7 +90,7 @@ from dlngraph.runtime.backward import Deferred, TargetScore, run_now
 from dlngraph.runtime.cache import CachedBackend
 from dlngraph.runtime.data import read_jsonl
 from dlngraph.runtime.kv_state import KVState, StateMeta, load_state
-from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
+from dlngraph.runtime.layers.base import ForwardRecord, Params, Row, check_targets
 from dlngraph.runtime.template import render, score_request
 from dlngraph.spec import DeepThinkingNode
 
@@ -320,7 +320,7 @@ class DeepThinkingLayer:
         """The state after the T in 1..max_steps that scores best on dev (one thinking run)."""
         if not dev_rows:
             raise RuntimeFailure("selecting T on dev needs at least one dev example", node=self.name)
-        self._check_targets(dev_targets)
+        check_targets(dev_targets, self.spec.choices, self.name)
         max_steps = max_steps or self.spec.max_steps
         best: tuple[StepScore, KVState] | None = None
         self.curve = []
@@ -423,22 +423,13 @@ class DeepThinkingLayer:
         target's class-normalized (calibrated) log-prob with the whole distribution,
         as score requests on the node's backend that the trainer batches with any
         other. The params are not read: the state, not a prompt, answers."""
-        self._check_targets([target for _, _, target in items])
+        check_targets((target for _, _, target in items), self.spec.choices, self.name)
         inner = self.distributions(self.state or self.prepare(), [row for _, row, _ in items])
 
         def decode(scores: list[Score]) -> list[TargetScore]:
             return [TargetScore(lp[target], lp) for (_, _, target), lp in zip(items, inner.decode(scores))]
 
         return Deferred(inner.backend, inner.op, inner.requests, decode)
-
-    def _check_targets(self, targets: Sequence[str]) -> None:
-        unknown = sorted(set(targets) - set(self.spec.choices))
-        if unknown:
-            raise RuntimeFailure(
-                f"target(s) {', '.join(map(repr, unknown))} are not among the choices {self.spec.choices}",
-                node=self.name,
-                hint="the dataset's labels must be spelled exactly like the node's choices",
-            )
 
     def params(self, seed: int) -> Params:
         """Nothing to learn by prompt: the K/V state answers (the layer protocol's parameters)."""
