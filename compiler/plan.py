@@ -3,9 +3,11 @@
 Forward stages are topological generations (every node of a stage is one
 batched call over all examples; the calls listed in a forward stage are sized
 for one training batch of `train.batch_size` examples, those in `evaluation`
-for one dev evaluation). The backward schedule walks the generations in
-reverse; each step lists its batched calls grouped by backend. Estimates of
-calls and tokens are part of the plan so `fit` can show the cost up front.
+for one dev evaluation, those in `calibration` for one estimate of the label
+priors of the trainable calibrated choice layers). The backward schedule walks
+the generations in reverse; each step lists its batched calls grouped by
+backend. Estimates of calls and tokens are part of the plan so `fit` can show
+the cost up front.
 Everything here is immutable and serializes to stable, sorted JSON.
 """
 
@@ -95,6 +97,11 @@ class PlanNode:
         return self.is_output or self.needs_posterior
 
     @property
+    def fits_prior(self) -> bool:
+        """Whether the fit estimates the node's label prior (a trainable calibrated choice layer)."""
+        return self.trainable and self.output_type == "choice" and self.calibration != "none"
+
+    @property
     def layer_key(self) -> tuple[NodeKind, str]:
         """The key of the node's layer kind in the runtime's one registry (runtime/layers)."""
         return (self.kind, self.output_type)
@@ -105,7 +112,8 @@ class BatchedCall:
     """One batched backend call: `requests` items in a single list."""
 
     op: str  # "generate" | "score" | "think"
-    # forward | posterior_sampling | child_rescoring | prompt_proposals | candidate_scoring | think | calibration
+    # forward | posterior_sampling | child_rescoring | prompt_proposals | candidate_scoring | think
+    # | step_selection | calibration (over train inputs) | content_free_calibration
     purpose: str
     backend: str
     nodes: tuple[str, ...]
@@ -153,6 +161,9 @@ class ExecutionPlan:
     backward: tuple[Stage, ...]
     data_paths: dict[str, Path]  # split -> absolute JSONL path
     evaluation: tuple[Stage, ...] = ()  # one dev evaluation (a forward over dev_size examples)
+    # One estimate of the trainable calibrated choice layers' label priors, made before the
+    # first dev evaluation and after every iteration (see compiler/schedule.py).
+    calibration: tuple[Stage, ...] = ()
     spec_sha256: str = ""  # of the spec file's bytes; `load_plan` checks a saved plan is current
 
     @property
@@ -172,7 +183,14 @@ class ExecutionPlan:
 
     def evaluations(self, iterations: int | None = None) -> int:
         """Dev evaluations of a fit: before training and every `eval_every` iterations."""
-        return self.iterations(iterations) // self.spec.train.eval_every + 1 if self.evaluation else 0
+        done = self.iterations(iterations)
+        every = self.spec.train.eval_every
+        # the last iteration is evaluated too when `eval_every` does not divide the iterations
+        return done // every + 1 + (done % every != 0) if self.evaluation else 0
+
+    def calibrations(self, iterations: int | None = None) -> int:
+        """Label-prior estimates of a fit: before training and after every iteration."""
+        return self.iterations(iterations) + 1 if self.calibration else 0
 
     @property
     def estimate_per_iteration(self) -> Estimate:
@@ -180,10 +198,11 @@ class ExecutionPlan:
 
     def estimate(self, iterations: int | None = None) -> Estimate:
         """The whole fit's calls and tokens (the one place they are summed): the
-        iterations (the spec's unless `iterations` is given), the dev evaluations and
-        the one-time Deep-Thinking stage."""
+        iterations (the spec's unless `iterations` is given), the label-prior estimates,
+        the dev evaluations and the one-time Deep-Thinking stage."""
         return (
             Estimate.of(self.forward + self.backward, self.iterations(iterations))
+            + Estimate.of(self.calibration, self.calibrations(iterations))
             + Estimate.of(self.evaluation, self.evaluations(iterations))
             + Estimate.of(self.think)
         )
@@ -209,6 +228,8 @@ class ExecutionPlan:
             "backward": [stage(s) for s in self.backward],
             "evaluation": [stage(s) for s in self.evaluation],
             "evaluations": self.evaluations(),
+            "calibration": [stage(s) for s in self.calibration],
+            "calibrations": self.calibrations(),
             "estimate": {
                 "per_iteration": _dataclass_dict(self.estimate_per_iteration),
                 "fit": _dataclass_dict(self.estimate()),

@@ -12,11 +12,18 @@ REQUIRES "acyclic", "capable", "data_checked". GUARANTEES "planned".
   posterior sampling (B x K, text layers; a choice layer's candidates are its
   choices) and child re-scoring (every candidate under the node itself and under
   each child that has targets); for trainable layers prompt proposals (N - 1)
-  and candidate scoring (N x B, twice for a text layer under a trust region).
+  and candidate scoring (N x B, twice for a text layer under a trust region;
+  N x (B + 3) for a contextually calibrated choice layer: each candidate's prior).
 - evaluation: one forward over `dev_size` dev examples (all of dev if unset),
-  run before training and every `eval_every` iterations, after the label priors
-  of calibrated choice layers are estimated again (`calibration`: a forward over
-  `calibration_size` unlabeled train inputs, or the 3 content-free inputs).
+  run before training, every `eval_every` iterations and after the last.
+- calibration: the label priors of the trainable calibrated choice layers,
+  estimated before the first evaluation and after every iteration (a step
+  leaves them unknown): the batch-calibrated layers and their ancestors (whose
+  outputs they read) as a forward over `calibration_size` unlabeled train
+  inputs, in topological stages (a contextually calibrated layer among them
+  scores the content-free inputs in the same call); then, in one last stage,
+  every other contextually calibrated layer over the content-free inputs alone
+  (its parents read them too, so none of its ancestors runs).
 - candidate scoring counts every candidate: the current parameters, N - 1
   proposals, the dev memory and, for layers with demonstrations, the
   demonstration sets tried; demonstrations count in every request's prompt.
@@ -74,10 +81,7 @@ def run(unit: Unit) -> Unit:
     )
     dev_rows = _dev_rows(spec, unit.profiles)
     evaluation = (
-        tuple(
-            Stage(i, g, tuple(c for n in g for c in (*sizes.calibration(data[n]), sizes.forward(data[n], dev_rows))))
-            for i, g in enumerate(generations)
-        )
+        tuple(Stage(i, g, tuple(sizes.forward(data[n], dev_rows) for n in g)) for i, g in enumerate(generations))
         if dev_rows
         else ()
     )
@@ -99,6 +103,7 @@ def run(unit: Unit) -> Unit:
         backward=backward,
         data_paths={split: p.path for split, p in sorted(unit.profiles.items())},
         evaluation=evaluation,
+        calibration=_calibration(data, graph, generations, sizes),
         spec_sha256=hashlib.sha256(unit.source.text.encode() if unit.source else b"").hexdigest(),
     )
     return replace(unit, plan=plan)
@@ -157,13 +162,6 @@ class _Sizes:
         searched = shown is not None and shown.search
         return train.prompt_proposals + train.memory + (train.demo_candidates if searched else 0)
 
-    def calibration(self, d: PlanNode) -> tuple[BatchedCall, ...]:
-        """Estimating a calibrated choice layer's label prior again (before a dev evaluation)."""
-        if d.output_type != "choice" or d.calibration == "none":
-            return ()
-        rows = self.spec.train.calibration_size if d.calibration == "batch" else len(CONTENT_FREE_INPUTS)
-        return (replace(self.forward(d, rows), purpose="calibration"),)
-
     def scores(self, d: PlanNode) -> bool:
         return d.output_type == "text" or Capability.SCORE in self.capabilities[d.backend]
 
@@ -194,6 +192,28 @@ def _needs_posterior(data: dict[str, PlanNode], generations: list[tuple[str, ...
         name: d.kind is NodeKind.LAYER and d.target is None and (d.trainable or upstream[name])
         for name, d in data.items()
     }
+
+
+def _calibration(
+    data: dict[str, PlanNode], graph: nx.DiGraph, generations: list[tuple[str, ...]], sizes: _Sizes
+) -> tuple[Stage, ...]:
+    """The stages of one label-prior estimate (see the module docstring)."""
+    fitted = {n for n, d in data.items() if d.fits_prior}
+    batch = {n for n in fitted if data[n].calibration == "batch"}
+    needed = batch.union(*(nx.ancestors(graph, n) for n in batch))
+    rows = sizes.spec.train.calibration_size
+    free = len(CONTENT_FREE_INPUTS)
+    stages = [
+        tuple(
+            replace(sizes.forward(data[n], rows + (free if n in fitted - batch else 0)), purpose="calibration")
+            for n in g
+            if n in needed
+        )
+        for g in generations
+    ]
+    alone = sorted(fitted - needed)  # contextual, read by no batch-calibrated layer
+    stages.append(tuple(replace(sizes.forward(data[n], free), purpose="content_free_calibration") for n in alone))
+    return tuple(Stage(i, tuple(n for c in calls for n in c.nodes), calls) for i, calls in enumerate(c for c in stages if c))
 
 
 def _backward_calls(
@@ -227,9 +247,11 @@ def _backward_calls(
         if n > 1:
             proposer = train.proposer or d.backend
             calls.append(BatchedCall("generate", "prompt_proposals", proposer, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
-        # a text layer under a trust region also scores its current outputs under every candidate
+        # a text layer under a trust region also scores its current outputs under every candidate;
+        # a contextually calibrated choice layer scores the content-free inputs under each (its prior)
         scored = 2 if train.trust_region > 0 and d.output_type == "text" else 1
-        calls.append(sizes.score_targets(d, scored * sizes.candidates(d) * b, "candidate_scoring", sizes.output(d)))
+        free = len(CONTENT_FREE_INPUTS) if d.fits_prior and d.calibration == "contextual" else 0
+        calls.append(sizes.score_targets(d, sizes.candidates(d) * (scored * b + free), "candidate_scoring", sizes.output(d)))
     return calls
 
 

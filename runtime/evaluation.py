@@ -24,7 +24,7 @@ from dlngraph.runtime.backends.base import Usage
 from dlngraph.runtime.metrics import marks
 
 if TYPE_CHECKING:
-    from dlngraph.compiler.plan import ExecutionPlan
+    from dlngraph.compiler.plan import ExecutionPlan, Stage
     from dlngraph.runtime.executor import Executor
 
 
@@ -56,9 +56,11 @@ def evaluate(
     split: str = "dev",
     batch_size: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    stages: Sequence[Stage] | None = None,
 ) -> Evaluation:
     """Score the plan's output nodes on `examples`, `batch_size` examples per batched call
-    (all at once by default); `on_batch(done, total)` reports progress."""
+    (all at once by default), running `stages` (the plan's forward by default; a fit's
+    dev evaluation runs `plan.evaluation`); `on_batch(done, total)` reports progress."""
     plan, backends = executor.plan, executor.backends
     targets = plan.spec.outputs
     before = {name: b.usage.copy() for name, b in backends.items()}
@@ -68,7 +70,7 @@ def evaluate(
     logprobs: list[float] = []
     for start in range(0, len(examples), size):
         batch = examples[start : start + size]
-        result = executor.run(batch)
+        result = executor.run(batch, stages)
         for offset, example in enumerate(batch):
             outputs = result.outputs(offset)
             marked = marks(plan, outputs, example)

@@ -1,7 +1,7 @@
 """The forward executor: an interpreter over the plan's forward stages.
 
-Like torch.fx's `Interpreter`: `run` walks the stages (the plan's `forward`, or
-its `evaluation`), `run_node` runs the node's layer, bound through the one
+Like torch.fx's `Interpreter`: `run` walks the stages (the plan's `forward`, its
+`evaluation` or its `calibration`), `run_node` runs the node's layer, bound through the one
 registry of layer kinds (runtime/layers); a mode needing other semantics
 subclasses it. Every node is ONE batched backend call over all rows
 of the batch. Nodes of a stage that use different backends run concurrently
@@ -113,15 +113,18 @@ class Executor:
             result.usage[name] = usage
 
     def rows_for(self, name: str, examples: Sequence[Mapping[str, str]], result: RunResult) -> list[Row]:
-        """Template variables of each example: the node's inputs plus its parents' outputs."""
+        """Template variables of each example: the node's inputs plus its parents' outputs
+        (a parent these stages do not run is read from the example, as the content-free
+        calibration inputs give every parent's value)."""
         node = self.plan.nodes[name]
+        given = [*node.inputs, *(p for p in node.parents if p not in result.records)]
         rows: list[Row] = []
         for index, example in enumerate(examples):
-            missing = [f for f in node.inputs if f not in example]
+            missing = [f for f in given if f not in example]
             if missing:
                 raise RuntimeFailure(f"example {index} lacks input field {', '.join(map(repr, missing))}", node=name)
-            row = {f: example[f] for f in node.inputs}
-            row.update({p: result.records[p].outputs[index] for p in node.parents})
+            row = {f: example[f] for f in given}
+            row.update({p: result.records[p].outputs[index] for p in node.parents if p in result.records})
             rows.append(row)
         return rows
 

@@ -7,9 +7,10 @@ backends behind the response cache (unless given some) and the tracker; `run()`
 trains and closes what the fit opened, however it ends.
 
 The loop around `Trainer.step`: initial evaluation (iteration 0), class-balanced
-mini-batches, label priors re-estimated on unlabeled train inputs whenever
-parameters change, dev evaluation every `eval_every`, best-on-dev selection
-(accuracy, ties broken by dev log-likelihood), a memory of the best parameters
+mini-batches, label priors estimated again after every step by the plan's
+calibration calls, dev evaluation every `eval_every` (the plan's evaluation
+calls), best-on-dev selection (accuracy, ties broken by dev log-likelihood), a
+memory of the best parameters
 fed back to the optimizer, backtracking to the best after `backtrack`
 evaluations without gain, early stopping, and a checkpoint after every iteration.
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 from dlngraph.compiler.plan import ExecutionPlan, NodeKind
 from dlngraph.errors import RuntimeFailure
+from dlngraph.runtime import calibration
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime.backends.registry import open_backends
 from dlngraph.runtime.backward import rng_for
@@ -277,25 +279,24 @@ class Fit:
         return sorted(chosen)
 
     def calibrate(self, params: dict[str, Params]) -> dict[str, Params]:
-        """`params` with the label prior of every calibrated choice layer estimated
-        again where it is unknown (after its prompt or demonstrations changed):
-        batch calibration over the fit's unlabeled train inputs, contextual from
-        content-free inputs; one forward, deduplicated by the backends' memo."""
-        stale = [
-            n
-            for n, p in params.items()
-            if p.bias is None
-            and self.plan.nodes[n].output_type == "choice"
-            and self.plan.nodes[n].calibration != "none"
-        ]
-        if not stale or not self.calibration_set:
+        """`params` with the label prior of every trainable calibrated choice layer
+        estimated again, by exactly the plan's calibration calls: its stages over the
+        fit's unlabeled train inputs, then the content-free stage over the content-free
+        inputs (every input and node output set to them); deduplicated by the backends' memo."""
+        if not self.plan.calibration or not self.calibration_set:
             return params
         assert self.trainer is not None
-        batch = any(self.plan.nodes[n].calibration == "batch" for n in stale)
-        rows = self.calibration_set if batch else self.calibration_set[:1]
-        records = self.trainer.executor(params).run(rows).records
+        executor = self.trainer.executor(params)
+        over_train = tuple(s for s in self.plan.calibration if s.calls[0].purpose == "calibration")
+        content_free = tuple(s for s in self.plan.calibration if s.calls[0].purpose == "content_free_calibration")
+        records = executor.run(self.calibration_set, over_train).records
+        if content_free:
+            rows = calibration.content_free_rows([*self.plan.spec.inputs, *self.plan.nodes])
+            records.update(executor.run(rows, content_free).records)
         out = dict(params)
-        for n in stale:
+        for n in sorted(records):
+            if not self.plan.nodes[n].fits_prior:
+                continue  # an ancestor whose outputs a batch-calibrated layer reads
             prior = records[n].extra.get("bias")
             assert isinstance(prior, dict), f"the choice layer {n} reports the prior it applied"
             out[n] = Params(params[n].prompt, params[n].demos, tuple(sorted(prior.items())))
@@ -359,9 +360,9 @@ class Fit:
         return total
 
     def evaluate(self, params: Mapping[str, Params], examples: list[Example]) -> Evaluation:
-        """The output nodes on `examples` in one batched call per node (`runtime.evaluation`)."""
+        """The output nodes on `examples`: the plan's evaluation calls (`runtime.evaluation`)."""
         assert self.trainer is not None
-        return evaluate(self.trainer.executor(params), examples)
+        return evaluate(self.trainer.executor(params), examples, stages=self.plan.evaluation)
 
     def finish(self, state: dict[str, Any], dev_set: list[Example]) -> None:
         self.run_dir.write_predictions("best", self.evaluate(_params(state["best"]), dev_set).predictions)

@@ -104,6 +104,32 @@ def test_fit_estimate_is_iterations_times_per_iteration_plus_evaluations() -> No
     )
     # the dev evaluation scores both choices of dev_size examples
     assert evaluation == train.dev_size * 2
+    # eval_every not dividing the iterations: the fit evaluates after the last one too
+    every = replace(plan, spec=plan.spec.model_copy(update={"train": train.model_copy(update={"eval_every": 2})}))
+    assert [every.evaluations(n) for n in (1, 2, 3, 4)] == [2, 2, 3, 3]
+
+
+def test_label_priors_are_estimated_by_the_plans_calibration_stages() -> None:
+    """A batch-calibrated trainable choice layer: its prior is estimated before the first
+    evaluation and after every iteration, over calibration_size train inputs."""
+    plan = compile_unit(ROOT / "specs/dln1-mpqa-demos.yaml").plan
+    train = plan.spec.train
+    assert plan.nodes["answer"].fits_prior and plan.nodes["answer"].calibration == "batch"
+    (stage,) = plan.calibration
+    assert [(c.purpose, c.op, c.nodes, c.requests) for c in stage.calls] == [
+        ("calibration", "score", ("answer",), train.calibration_size * len(plan.nodes["answer"].choices))
+    ]
+    assert all(c.purpose == "forward" for s in plan.evaluation for c in s.calls)
+    assert plan.calibrations() == train.iterations + 1
+    once = plan.estimate(0)  # the initial estimate and evaluation, nothing trained
+    assert once.calls == len(stage.calls) + sum(len(s.calls) for s in plan.evaluation)
+    assert plan.estimate().calls == (
+        train.iterations * (plan.estimate_per_iteration.calls + len(stage.calls))
+        + once.calls
+        + (plan.evaluations() - 1) * sum(len(s.calls) for s in plan.evaluation)
+    )
+    assert plan.to_dict()["calibrations"] == plan.calibrations()
+    assert compile_unit(ROOT / "specs/dln1-mpqa.yaml").plan.calibration == ()  # nothing calibrated
 
 
 def test_json_is_byte_identical_across_hash_seeds(tmp_path: Path) -> None:

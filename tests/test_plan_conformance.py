@@ -19,18 +19,19 @@ checked here is who calls what, not what the state answers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dlngraph.api import compile_spec
-from dlngraph.compiler.plan import BatchedCall, ExecutionPlan, NodeKind, PlanNode
+from dlngraph.compiler.plan import BatchedCall, ExecutionPlan, NodeKind, PlanNode, Stage
 from dlngraph.runtime.backends.base import Score, ScoreRequest
 from dlngraph.runtime.backward import Deferred, TargetScore, run_now
 from dlngraph.runtime.cache import CachedBackend, MemoryCache
 from dlngraph.runtime.data import read_jsonl
+from dlngraph.runtime.executor import Executor
 from dlngraph.runtime.fit import Fit
 from dlngraph.runtime.layers.base import ForwardRecord, Params, Row
 from dlngraph.runtime.rundir import RunDir
@@ -200,43 +201,191 @@ def test_variants_of_a_dag_make_exactly_the_planned_calls(variant: str, tmp_path
 
 
 @dataclass
-class Counted:
-    """Above the response cache: per call the runtime makes, whether it reached the model."""
+class Context:
+    """What the runtime is making when a call reaches a backend: the trainer's backward
+    call (`Trainer.current`), else the executor's stages and each backend's node."""
 
+    plan: ExecutionPlan
+    fit: Fit | None = None
+    stages: tuple[Stage, ...] = ()
+    label: str = ""
+    node: dict[str, str] = field(default_factory=dict)  # backend -> the node whose forward runs on it
+
+    def watch(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        run, run_node = Executor.run, Executor.run_node
+        plan = self.plan
+
+        def watched_run(executor: Executor, examples: Any, stages: Any = None) -> Any:
+            self.stages = tuple(plan.forward if stages is None else stages)
+            if stages is None or stages is plan.forward:
+                self.label = "forward"
+            elif stages is plan.evaluation:
+                self.label = "evaluation"
+            else:
+                self.label = "calibration" if all(s in plan.calibration for s in stages) else "other stages"
+            return run(executor, examples, stages)
+
+        def watched_node(executor: Executor, name: str, rows: Any) -> Any:
+            backend = plan.nodes[name].backend
+            self.node[backend] = name
+            try:
+                return run_node(executor, name, rows)
+            finally:
+                del self.node[backend]
+
+        monkeypatch.setattr(Executor, "run", watched_run)
+        monkeypatch.setattr(Executor, "run_node", watched_node)
+
+    def planned(self, backend: str) -> tuple[str, BatchedCall | None, tuple[str, ...]]:
+        """(what the runtime was making, the plan's call it was making, the nodes of its requests)."""
+        trainer = self.fit.trainer if self.fit else None
+        if trainer is not None and trainer.current is not None:
+            return "backward", trainer.current[1], trainer.current[1].nodes
+        node = self.node.get(backend, "")
+        calls = [c for s in self.stages if node in s.nodes for c in s.calls if node in c.nodes]
+        return self.label, calls[0] if len(calls) == 1 else None, (node,)
+
+
+@dataclass
+class Attributed:
+    """Above the response cache: every call the runtime makes, with the plan's call it
+    was making, and whether it reached the model (the recorder under the cache saw it)."""
+
+    name: str
     inner: CachedBackend
     below: list[Recorded]  # the recorder under the cache
-    reached: list[bool] = field(default_factory=list)
+    context: Context
+    made: list[dict[str, Any]]
 
     def __getattr__(self, name: str) -> Any:  # kind, usage, capabilities, close
         return getattr(self.inner, name)
 
     def generate(self, requests: list) -> list:
-        return self.count(self.inner.generate, requests)
+        return self.call("generate", self.inner.generate, requests)
 
     def score(self, requests: list) -> list:
-        return self.count(self.inner.score, requests)
+        return self.call("score", self.inner.score, requests)
 
-    def count(self, op: Any, requests: list) -> list:
+    def call(self, op: str, send: Any, requests: list) -> list:
+        label, planned, nodes = self.context.planned(self.name)
         before = len(self.below)
-        out = op(requests)
-        self.reached.append(len(self.below) > before)
+        out = send(requests)
+        self.made.append(
+            {"backend": self.name, "op": op, "requests": len(requests), "label": label, "call": planned,
+             "nodes": nodes, "reached": len(self.below) > before}
+        )  # fmt: skip
         return out
 
 
-@pytest.mark.parametrize("spec", [p for p in SPECS if "think" not in p.stem], ids=lambda p: p.stem)
-def test_a_whole_fit_makes_the_calls_the_plan_estimates(spec: Path, tmp_path: Path) -> None:
-    """Two iterations behind the response cache, as `dlngraph fit` runs: the runtime makes
-    the estimate's calls (forward, backward, label priors, dev evaluations) plus the
-    final re-evaluation of the best parameters on dev, which the estimate leaves out
-    because the cache answers all of it. A call the cache answers entirely never
-    reaches the model: those are counted here, not assumed."""
-    plan = compile_spec(spec)
+def expected_calls(plan: ExecutionPlan, iterations: int, done: int) -> list[tuple[str, BatchedCall]]:
+    """The plan's calls of a fit of `iterations` that ran `done`, in the order the fit
+    makes them: label priors and dev evaluation (iteration 0), per iteration its forward,
+    backward, label priors and (when due) dev evaluation, and the final re-evaluation of
+    the best parameters on dev."""
+    calls = lambda label, stages: [(label, c) for s in stages for c in s.calls]  # noqa: E731
+    evaluation = calls("evaluation", plan.evaluation)
+    out = calls("calibration", plan.calibration) + evaluation
+    every = plan.spec.train.eval_every
+    for i in range(1, done + 1):
+        out += calls("forward", plan.forward) + calls("backward", plan.backward) + calls("calibration", plan.calibration)
+        out += evaluation if i % every == 0 or i == iterations else []
+    return out + evaluation
+
+
+def fit_problems(plan: ExecutionPlan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit_class: type[Fit] = Fit) -> list[str]:
+    """A whole fit of 2 iterations behind the response cache, as `dlngraph fit` runs it:
+    every call the runtime makes, per backend in order, must be the plan's next call
+    (same label, backend, op and nodes, no more requests), and the plan's calls are
+    all made. A call the cache answers entirely never reaches the model: those are
+    counted, not assumed (the final re-evaluation of the best parameters is all cached)."""
+    context = Context(plan)
+    context.watch(monkeypatch)
     below, log, _ = recording(plan)
-    backends = {n: Counted(CachedBackend(b, MemoryCache()), log) for n, b in below.items()}
-    run = RunDir.create(tmp_path / "run", plan)
-    Fit(plan, backends, run, iterations=2).run()
-    reached = [r for b in backends.values() for r in b.reached]
-    final = [c for s in plan.evaluation for c in s.calls if c.purpose == "forward"]
-    assert len(reached) == plan.estimate(2).calls + len(final)
-    assert not any(reached[-len(final) :])  # the best parameters were evaluated before: all cached
-    assert len(log) == sum(reached) <= len(reached)
+    made: list[dict[str, Any]] = []
+    backends = {n: Attributed(n, CachedBackend(b, MemoryCache()), log, context, made) for n, b in below.items()}
+    fit = fit_class(plan, backends, RunDir.create(tmp_path / "run", plan), iterations=2)
+    context.fit = fit
+    result = fit.run()
+    expected = expected_calls(plan, 2, result.iterations)
+    problems = []
+    for backend in sorted(backends):
+        got = [(m["label"], m["call"]) for m in made if m["backend"] == backend]
+        want = [(label, c) for label, c in expected if c.backend == backend]
+        if got != want:
+            first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+            problems.append(f"{backend}: call {first} is {got[first:first + 1]}, the plan's is {want[first:first + 1]}")
+    for m in made:
+        call = m["call"]
+        if call is None:
+            problems.append(f"{m['backend']}: a {m['label']} call of {m['nodes']} that no planned call lists")
+        elif (m["op"], m["nodes"]) != (call.op, call.nodes) or not 0 < m["requests"] <= call.requests:
+            problems.append(f"{m['backend']}: {m['op']} of {m['nodes']} with {m['requests']} requests for {call}")
+    if result.iterations == 2 and len(made) != plan.estimate(2).calls + len(calls_of(plan.evaluation)):
+        problems.append(f"{len(made)} calls made, the estimate is {plan.estimate(2).calls} plus the final evaluation")
+    final = len(calls_of(plan.evaluation))
+    if final and any(m["reached"] for m in made[-final:]):
+        problems.append("the final evaluation of the best parameters reached the model")
+    if len(log) != sum(m["reached"] for m in made):
+        problems.append(f"{len(log)} calls reached the model, {sum(m['reached'] for m in made)} counted")
+    return problems
+
+
+def calls_of(stages: tuple[Stage, ...]) -> list[BatchedCall]:
+    return [c for s in stages for c in s.calls]
+
+
+CALIBRATED = {
+    # a batch-calibrated choice node reading three text nodes: they run on the calibration inputs too
+    "batch-calibrated-dag": ("output: {type: choice, choices: [yes, no]}", "output: {type: choice, choices: [yes, no]}\n    calibration: batch"),
+    # contextual: the node alone, over the content-free inputs (its parents read them too)
+    "contextual-calibrated-dag": ("output: {type: choice, choices: [yes, no]}", "output: {type: choice, choices: [yes, no]}\n    calibration: contextual"),
+}  # fmt: skip
+
+
+def calibrated_dag(tmp_path: Path, variant: str) -> ExecutionPlan:
+    old, new = CALIBRATED[variant]
+    assert old in DAG_SPEC
+    text = DAG_SPEC.replace(old, new).replace("patience: 2", "patience: 2, calibration_size: 5")
+    return compile_spec(write_spec(tmp_path, text))
+
+
+@pytest.mark.parametrize("spec", [p for p in SPECS if "think" not in p.stem], ids=lambda p: p.stem)
+def test_a_whole_fit_makes_exactly_the_planned_calls(spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fit_problems(compile_spec(spec), tmp_path, monkeypatch) == []
+
+
+@pytest.mark.parametrize("variant", sorted(CALIBRATED))
+def test_a_whole_fit_of_a_calibrated_dag_makes_exactly_the_planned_calls(
+    variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = calibrated_dag(tmp_path, variant)
+    purposes = [(c.purpose, c.nodes, c.requests) for c in calls_of(plan.calibration)]
+    if variant == "batch-calibrated-dag":  # 5 inputs through a, then b and c, then d's 5 x 2 choices
+        assert purposes == [("calibration", ("a",), 5), ("calibration", ("b",), 5), ("calibration", ("c",), 5),
+                            ("calibration", ("d",), 10)]  # fmt: skip
+    else:  # d's 2 choices of the 3 content-free inputs
+        assert purposes == [("content_free_calibration", ("d",), 6)]
+    problems = fit_problems(plan, tmp_path, monkeypatch)
+    assert problems == [], "\n".join(problems)
+
+
+class AllNodesCalibration(Fit):
+    """The label priors estimated by a forward of every node over the calibration inputs
+    (the first one for contextual calibration), as the fit did before the plan listed them."""
+
+    def calibrate(self, params: dict[str, Params]) -> dict[str, Params]:
+        stale = [n for n in params if self.plan.nodes[n].fits_prior]
+        if not stale:
+            return params
+        assert self.trainer is not None
+        batch = any(self.plan.nodes[n].calibration == "batch" for n in stale)
+        records = self.trainer.executor(params).run(self.calibration_set if batch else self.calibration_set[:1]).records
+        return {**params, **{n: replace(params[n], bias=tuple(sorted(records[n].extra["bias"].items()))) for n in stale}}
+
+
+@pytest.mark.parametrize("variant", sorted(CALIBRATED))
+def test_the_whole_fit_check_fails_for_calibration_calls_the_plan_does_not_list(
+    variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problems = fit_problems(calibrated_dag(tmp_path, variant), tmp_path, monkeypatch, AllNodesCalibration)
+    assert any("the plan's is [('calibration'" in p for p in problems), problems
