@@ -236,11 +236,12 @@ class Context:
         monkeypatch.setattr(Executor, "run", watched_run)
         monkeypatch.setattr(Executor, "run_node", watched_node)
 
-    def planned(self, backend: str) -> tuple[str, BatchedCall | None, tuple[str, ...]]:
-        """(what the runtime was making, the plan's call it was making, the nodes of its requests)."""
+    def planned(self, backend: str) -> tuple[str, BatchedCall | None, tuple[str, ...] | None]:
+        """(what the runtime was making, the plan's call it was making, the node of its requests:
+        None in the backward, whose nodes the trainer records in `Trainer.made`)."""
         trainer = self.fit.trainer if self.fit else None
         if trainer is not None and trainer.current is not None:
-            return "backward", trainer.current[1], trainer.current[1].nodes
+            return "backward", trainer.current[1], None
         node = self.node.get(backend, "")
         calls = [c for s in self.stages if node in s.nodes for c in s.calls if node in c.nodes]
         return self.label, calls[0] if len(calls) == 1 else None, (node,)
@@ -318,8 +319,10 @@ def fit_problems(plan: ExecutionPlan, tmp_path: Path, monkeypatch: pytest.Monkey
         call = m["call"]
         if call is None:
             problems.append(f"{m['backend']}: a {m['label']} call of {m['nodes']} that no planned call lists")
-        elif (m["op"], m["nodes"]) != (call.op, call.nodes) or not 0 < m["requests"] <= call.requests:
+        elif (m["op"], m["nodes"] or call.nodes) != (call.op, call.nodes) or not 0 < m["requests"] <= call.requests:
             problems.append(f"{m['backend']}: {m['op']} of {m['nodes']} with {m['requests']} requests for {call}")
+    assert fit.trainer is not None
+    problems += [f"backward: {m.call} carried the requests of {m.nodes}" for m in fit.trainer.made if m.nodes != m.call.nodes]
     if result.iterations == 2 and len(made) != plan.estimate(2).calls + len(calls_of(plan.evaluation)):
         problems.append(f"{len(made)} calls made, the estimate is {plan.estimate(2).calls} plus the final evaluation")
     final = len(calls_of(plan.evaluation))
@@ -334,18 +337,27 @@ def calls_of(stages: tuple[Stage, ...]) -> list[BatchedCall]:
     return [c for s in stages for c in s.calls]
 
 
+CHOICE_D = "output: {type: choice, choices: [yes, no]}"
+TEXT_A = '    template: "{{ prompt }} A-node {{ input }}"\n    output: {type: text, max_tokens: 8, stop: ["\\n"]}'
 CALIBRATED = {
     # a batch-calibrated choice node reading three text nodes: they run on the calibration inputs too
-    "batch-calibrated-dag": ("output: {type: choice, choices: [yes, no]}", "output: {type: choice, choices: [yes, no]}\n    calibration: batch"),
+    "batch-calibrated-dag": [(CHOICE_D, CHOICE_D + "\n    calibration: batch")],
     # contextual: the node alone, over the content-free inputs (its parents read them too)
-    "contextual-calibrated-dag": ("output: {type: choice, choices: [yes, no]}", "output: {type: choice, choices: [yes, no]}\n    calibration: contextual"),
-}  # fmt: skip
+    "contextual-calibrated-dag": [(CHOICE_D, CHOICE_D + "\n    calibration: contextual")],
+    # both: the contextual choice node `a` is an ancestor of the batch-calibrated `d`, so its
+    # calibration call scores the calibration inputs and the content-free ones together
+    "mixed-calibrated-dag": [
+        (CHOICE_D, CHOICE_D + "\n    calibration: batch"),
+        (TEXT_A, TEXT_A.split("\n")[0] + "\n    output: {type: choice, choices: [up, down]}\n    calibration: contextual"),
+    ],
+}
 
 
 def calibrated_dag(tmp_path: Path, variant: str) -> ExecutionPlan:
-    old, new = CALIBRATED[variant]
-    assert old in DAG_SPEC
-    text = DAG_SPEC.replace(old, new).replace("patience: 2", "patience: 2, calibration_size: 5")
+    text = DAG_SPEC.replace("patience: 2", "patience: 2, calibration_size: 5")
+    for old, new in CALIBRATED[variant]:
+        assert old in text
+        text = text.replace(old, new)
     return compile_spec(write_spec(tmp_path, text))
 
 
@@ -360,11 +372,14 @@ def test_a_whole_fit_of_a_calibrated_dag_makes_exactly_the_planned_calls(
 ) -> None:
     plan = calibrated_dag(tmp_path, variant)
     purposes = [(c.purpose, c.nodes, c.requests) for c in calls_of(plan.calibration)]
-    if variant == "batch-calibrated-dag":  # 5 inputs through a, then b and c, then d's 5 x 2 choices
-        assert purposes == [("calibration", ("a",), 5), ("calibration", ("b",), 5), ("calibration", ("c",), 5),
-                            ("calibration", ("d",), 10)]  # fmt: skip
-    else:  # d's 2 choices of the 3 content-free inputs
-        assert purposes == [("content_free_calibration", ("d",), 6)]
+    # 5 inputs through a (and its 3 content-free inputs when contextual), then b and c, then d's 5 x 2 choices
+    batch = [("calibration", ("a",), 5), ("calibration", ("b",), 5), ("calibration", ("c",), 5), ("calibration", ("d",), 10)]
+    expected = {
+        "batch-calibrated-dag": batch,
+        "contextual-calibrated-dag": [("content_free_calibration", ("d",), 6)],  # d's 2 choices of 3 content-free inputs
+        "mixed-calibrated-dag": [("calibration", ("a",), (5 + 3) * 2), *batch[1:]],
+    }
+    assert purposes == expected[variant]
     problems = fit_problems(plan, tmp_path, monkeypatch)
     assert problems == [], "\n".join(problems)
 
