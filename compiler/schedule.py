@@ -68,13 +68,22 @@ def tokens(chars: float) -> int:
 def run(unit: Unit) -> Unit:
     assert unit.spec is not None and unit.graph is not None and unit.profiles is not None
     graph, spec = unit.graph, unit.spec
-    data = nodes(graph)
+    generations = [tuple(sorted(g)) for g in nx.topological_generations(graph)]
+    needs = _needs_posterior(nodes(graph), generations)
+    # What this pass decides about each node goes on the node, where the runtime reads it.
+    data = {
+        name: replace(
+            d,
+            children=tuple(sorted(graph.successors(name))),
+            proposer=(spec.train.proposer or d.backend) if d.trainable or needs[name] else "",
+            needs_posterior=needs[name],
+        )
+        for name, d in nodes(graph).items()
+    }
     sizes = _Sizes(spec, data, unit.profiles, unit.capabilities)
     _check_demonstrations(spec, data, unit)
-    generations = [tuple(sorted(g)) for g in nx.topological_generations(graph)]
     train = spec.train
     forward = tuple(Stage(i, g, tuple(sizes.forward(data[n], train.batch_size) for n in g)) for i, g in enumerate(generations))
-    needs = _needs_posterior(data, generations)
     backward = tuple(
         Stage(i, g, _merge(call for n in g for call in _backward_calls(data[n], needs, graph, sizes, spec)))
         for i, g in enumerate(reversed(generations))
@@ -89,15 +98,7 @@ def run(unit: Unit) -> Unit:
     plan = ExecutionPlan(
         spec=spec,
         spec_path=unit.path.resolve(),
-        nodes={
-            name: replace(
-                d,
-                children=tuple(sorted(graph.successors(name))),
-                proposer=(spec.train.proposer or d.backend) if d.trainable or needs[name] else "",
-                needs_posterior=needs[name],
-            )
-            for name, d in data.items()
-        },
+        nodes=data,
         think=think,
         forward=forward,
         backward=backward,
@@ -231,8 +232,7 @@ def _backward_calls(
         if d.output_type == "text":
             children_targets = sum(sizes.output(sizes.data[c]) for c in graph.successors(d.name))
             p = sizes.prompt(d) + children_targets + META_PROMPT_OVERHEAD_TOKENS
-            proposer = train.proposer or d.backend
-            calls.append(BatchedCall("generate", "posterior_sampling", proposer, (d.name,), b * k, b * k * p, b * k * sizes.output(d)))
+            calls.append(BatchedCall("generate", "posterior_sampling", d.proposer, (d.name,), b * k, b * k * p, b * k * sizes.output(d)))
         calls.append(sizes.score_targets(d, b * candidates, "child_rescoring", sizes.output(d)))
         for child in sorted(graph.successors(d.name)):
             c = sizes.data[child]
@@ -245,8 +245,7 @@ def _backward_calls(
             + train.meta_examples * (sizes.prompt(d) - sizes.demos(d) + sizes.output(d))  # inputs shown without demos
         )
         if n > 1:
-            proposer = train.proposer or d.backend
-            calls.append(BatchedCall("generate", "prompt_proposals", proposer, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
+            calls.append(BatchedCall("generate", "prompt_proposals", d.proposer, (d.name,), n - 1, (n - 1) * meta, (n - 1) * train.proposal_max_tokens))
         # a text layer under a trust region also scores its current outputs under every candidate;
         # a contextually calibrated choice layer scores the content-free inputs under each (its prior)
         scored = 2 if train.trust_region > 0 and d.output_type == "text" else 1

@@ -13,7 +13,7 @@ BootstrapFewShot keeps traces that pass), and a one-demonstration swap.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +30,11 @@ LABEL = "label"
 def as_demo(example: Example, inputs: Iterable[str], target: str) -> Demo:
     """One train example as a demonstration: its inputs and its target as `label`."""
     return tuple(sorted([*((f, example[f]) for f in inputs), (LABEL, example[target])]))
+
+
+def from_dicts(shown: Iterable[Mapping[str, str]]) -> tuple[Demo, ...]:
+    """Demonstrations as a spec's `examples` or a checkpoint write them ({field: value})."""
+    return tuple(tuple(sorted(d.items())) for d in shown)
 
 
 def label_of(demo: Demo) -> str:
@@ -107,5 +112,5 @@ def initial(plan: ExecutionPlan, name: str, seed: int) -> tuple[Demo, ...]:
     if spec is None:
         return ()
     if spec.examples is not None:
-        return tuple(tuple(sorted(e.items())) for e in spec.examples)
+        return from_dicts(spec.examples)
     return balanced(pool(plan, name), spec.count, random.Random(stable_seed(seed, name, "demos")))

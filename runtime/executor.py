@@ -21,6 +21,7 @@ from pathlib import Path
 from dlngraph.compiler.plan import ExecutionPlan, Stage
 from dlngraph.errors import DlngraphError, RuntimeFailure
 from dlngraph.runtime.backends.base import Backend, Usage
+from dlngraph.runtime.demos import from_dicts
 from dlngraph.runtime.layers import bind
 from dlngraph.runtime.layers.base import ForwardRecord, Layer, Params, Row
 
@@ -56,7 +57,7 @@ class Executor:
         self.plan = plan
         self.backends = backends
         self.prompts = dict(prompts or {})
-        self.demos = {n: tuple(tuple(sorted(d.items())) for d in ds) for n, ds in (demos or {}).items()}
+        self.demos = {n: from_dicts(ds) for n, ds in (demos or {}).items()}
         self.calibration = {n: tuple(sorted(b.items())) for n, b in (calibration or {}).items()}
         self.params = dict(params or {})
         self.layers = dict(layers or {})  # bound layers, given ones first (e.g. a learned Deep-Thinking state)

@@ -28,7 +28,7 @@ from typing import Any
 
 from dlngraph.compiler.plan import ExecutionPlan, NodeKind
 from dlngraph.errors import RuntimeFailure
-from dlngraph.runtime import calibration
+from dlngraph.runtime import calibration, demos
 from dlngraph.runtime.backends.base import Backend, Usage
 from dlngraph.runtime.backends.registry import open_backends
 from dlngraph.runtime.backward import rng_for
@@ -386,7 +386,7 @@ def _params(data: Mapping[str, Any]) -> dict[str, Params]:
     return {
         n: Params(
             prompt,
-            tuple(tuple(sorted(d.items())) for d in shown.get(n, [])),
+            demos.from_dicts(shown.get(n, [])),
             tuple(sorted(priors[n].items())) if n in priors else None,
         )
         for n, prompt in data["prompts"].items()
