@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from itertools import takewhile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from dlngraph.runtime.backends.registry import open_backends
 from dlngraph.runtime.backward import rng_for
 from dlngraph.runtime.data import Example, read_split
 from dlngraph.runtime.evaluation import Evaluation, evaluate
-from dlngraph.runtime.executor import Executor, RunResult
+from dlngraph.runtime.executor import Executor
+from dlngraph.runtime.layers import bind
 from dlngraph.runtime.layers.base import Params
 from dlngraph.runtime.optimizer import Optimizer
 from dlngraph.runtime.plot import plot_curve
@@ -188,17 +190,11 @@ class Fit:
             node = self.plan.nodes[name]
             if node.kind != NodeKind.DEEP_THINKING:
                 continue
-            from dlngraph.runtime.layers.deep_thinking import DeepThinkingLayer
-
-            layer = DeepThinkingLayer.from_plan(self.plan, name, self.backends[node.backend], run_dir=self.run_dir.path)
+            layer: Any = bind(self.plan, name, self.backends[node.backend], self.run_dir.path)  # a DeepThinkingLayer
             self.events.call("think", 1)
             if node.parents and dev_set:
                 executor = Executor(self.plan, self.backends, layers=layers, seed=self.seed)
-                upstream = RunResult(records={})
-                for stage in self.plan.forward:
-                    if name in stage.nodes:
-                        break
-                    executor.run_stage(stage, dev_set, upstream)
+                upstream = executor.run(dev_set, tuple(takewhile(lambda s: name not in s.nodes, self.plan.forward)))
                 rows = executor.rows_for(name, dev_set, upstream)
                 layer.prepare(dev_rows=rows, dev_targets=[ex[self.plan.spec.outputs.get(name, layer.spec.label_field)] for ex in dev_set])
             else:
